@@ -1,0 +1,43 @@
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="simmim-fast",
+    version="0.1.0",
+    description="SimMIM masked image modeling pretraining: exact, fused and fast",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is installed as simmim_fast.kernels: other MIM code imports it on its own, and the
+    # unrelated PyPI package called `kernels` is never shadowed.
+    packages=["simmim_fast", "simmim_fast.models", "simmim_fast.kernels"],
+    package_dir={"simmim_fast.kernels": "kernels"},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "timm>=1.0.9,<2",
+        "torchvision>=0.19",
+        "numpy>=1.24",
+        "Pillow>=9",
+        "scikit-image>=0.21",  # ships the sample photos of the embedded default dataset
+        "matplotlib>=3.6",
+        "tensorboard>=2.12",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130>=1.40"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "dev": [
+            "deepspeed>=0.15",
+            "nvidia-dali-cuda130>=1.40",
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "pytest-timeout>=2",
+        ],
+    },
+)

@@ -1,0 +1,501 @@
+"""Configuration schema, loading and validation.
+
+A config is one JSON file with the sections below; every key has a default, a type and a help
+text (docs/CONFIG.md is generated from this file: ``python -m simmim_fast.config``). Loading
+checks every key and value and raises ``ConfigError`` naming the key, the value and the file.
+
+    cfg = load_config("configs/swin_b.json", overrides=["train.base_lr=2e-4"])
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "Config", "ModelConfig", "MaskConfig", "DataConfig", "TrainConfig", "EngineConfig", "CheckpointConfig",
+    "LoggingConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides", "schema_markdown",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key, the value and the source."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    encoder: Literal["swin", "vit"] = _f("swin", "Encoder family: 'swin' (timm SwinTransformer) or 'vit' "
+                                          "(timm Beit-style ViT: shared relative position bias, layer scale, "
+                                          "no absolute position embedding).")
+    img_size: int = _f(192, "Input image size in pixels (square).")
+    patch_size: int = _f(4, "Model patch size in pixels (4 for Swin, 16 for ViT-B/16). Also the encoder's "
+                            "token stride at the first stage.")
+    in_chans: int = _f(3, "Input channels.")
+    embed_dim: int = _f(128, "Embedding width of the first stage (Swin) or of every block (ViT).")
+    depths: List[int] = _f([2, 2, 18, 2], "Blocks per stage (Swin); for ViT a single entry, the number of blocks.")
+    num_heads: List[int] = _f([4, 8, 16, 32], "Attention heads per stage (Swin); for ViT a single entry.")
+    window_size: int = _f(6, "Swin attention window (6 for Swin-B, 12 for Swin-L at 192 px). Stages whose map "
+                             "is not larger than the window use the whole map and no shift. Ignored for ViT.")
+    mlp_ratio: float = _f(4.0, "MLP hidden width / embedding width.")
+    drop_path_rate: float = _f(0.0, "Stochastic depth rate (0.0 for Swin pretraining, 0.1 for ViT-B).")
+    layer_scale_init: float = _f(0.1, "ViT only: layer scale init value (0 disables layer scale).")
+    mask_token_init: Literal["trunc_normal", "zeros"] = _f("trunc_normal", "Mask token init: truncated normal "
+                                                                            "std 0.02, or zeros.")
+    norm_targets: bool = _f(False, "SwinV2 recipe: normalise the reconstruction target by its local mean and "
+                                   "variance over a norm_targets_window square window.")
+    norm_targets_window: int = _f(47, "Odd window size (pixels) for norm_targets.")
+    ops_backend: Literal["auto", "triton", "torch"] = _f("auto", "Implementation of mask-token substitution and "
+                                                               "the masked L1 loss: 'auto' (fused Triton kernels on "
+                                                               "CUDA, reference elsewhere), 'triton' or 'torch'.")
+
+    def validate(self) -> None:
+        _positive(self, "img_size", "patch_size", "in_chans", "embed_dim", "window_size", "norm_targets_window")
+        if self.img_size % self.patch_size:
+            _err("model.img_size", self.img_size, f"must be divisible by model.patch_size ({self.patch_size})")
+        if not self.depths or any(d < 1 for d in self.depths):
+            _err("model.depths", self.depths, "must be a non-empty list of positive ints")
+        if len(self.num_heads) != len(self.depths) or any(h < 1 for h in self.num_heads):
+            _err("model.num_heads", self.num_heads,
+                 f"must be a list of positive ints with one entry per stage ({len(self.depths)})")
+        if self.encoder == "vit" and len(self.depths) != 1:
+            _err("model.depths", self.depths, "must have exactly one entry (the number of blocks) for encoder 'vit'")
+        for i, h in enumerate(self.num_heads):
+            width = self.embed_dim * (2 ** i if self.encoder == "swin" else 1)
+            if width % h:
+                _err("model.num_heads", self.num_heads, f"stage {i} width {width} is not divisible by {h} heads")
+        if not self.mlp_ratio > 0:
+            _err("model.mlp_ratio", self.mlp_ratio, "must be > 0")
+        if not 0 <= self.drop_path_rate < 1:
+            _err("model.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
+        if self.layer_scale_init < 0:
+            _err("model.layer_scale_init", self.layer_scale_init, "must be >= 0")
+        if self.norm_targets_window % 2 == 0:
+            _err("model.norm_targets_window", self.norm_targets_window, "must be odd")
+
+    @property
+    def encoder_stride(self) -> int:
+        """Pixels per output token of the encoder (32 for Swin with 4 stages, 16 for ViT-B/16)."""
+        if self.encoder == "swin":
+            return self.patch_size * 2 ** (len(self.depths) - 1)
+        return self.patch_size
+
+
+@dataclass
+class MaskConfig:
+    mask_patch_size: int = _f(32, "Side of a square mask patch in pixels; img_size must be a multiple of it, "
+                                  "and it must be a multiple of model.patch_size.")
+    mask_ratio: float = _f(0.6, "Fraction of mask patches masked per image, in (0, 1); the count is "
+                                "ceil(grid * grid * ratio).")
+
+    def validate(self) -> None:
+        _positive(self, "mask_patch_size")
+        if not 0 < self.mask_ratio < 1:
+            _err("mask.mask_ratio", self.mask_ratio, "must be in (0, 1)")
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["torch", "dali", "dali_cpu", "synthetic"] = _f(
+        "torch", "Loader: 'torch' (torchvision + DataLoader workers), 'dali' (GPU JPEG decode), 'dali_cpu' "
+                 "(DALI on CPU threads) or 'synthetic' (random tensors on the device: measures the model only).")
+    path: Optional[str] = _f(None, "Dataset: an ImageFolder tree, a flat folder of images, or a text file "
+                                   "listing image paths. null = the sample photos that scikit-image ships.")
+    layout: Literal["auto", "imagefolder", "flat", "filelist"] = _f(
+        "auto", "How to read data.path: 'auto' detects (file -> filelist; folder with only sub-folders of "
+                "images -> imagefolder; else flat).")
+    num_workers: int = _f(4, "Loader worker processes (torch) or threads (dali, dali_cpu).")
+    crop_scale: Tuple[float, float] = _f((0.67, 1.0), "RandomResizedCrop area fraction range.")
+    crop_ratio: Tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect ratio range.")
+    hflip_prob: float = _f(0.5, "Horizontal flip probability.")
+    mean: Tuple[float, float, float] = _f((0.485, 0.456, 0.406), "Normalisation mean (RGB, 0-1 scale).")
+    std: Tuple[float, float, float] = _f((0.229, 0.224, 0.225), "Normalisation std (RGB, 0-1 scale).")
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            _err("data.num_workers", self.num_workers, "must be >= 0")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            _err("data.crop_scale", list(self.crop_scale), "must be [lo, hi] with 0 < lo <= hi <= 1")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            _err("data.crop_ratio", list(self.crop_ratio), "must be [lo, hi] with 0 < lo <= hi")
+        if not 0 <= self.hflip_prob <= 1:
+            _err("data.hflip_prob", self.hflip_prob, "must be in [0, 1]")
+        if any(s <= 0 for s in self.std):
+            _err("data.std", list(self.std), "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(100, "Training epochs.")
+    warmup_epochs: int = _f(10, "Epochs of per-iteration linear warmup from warmup_lr to the scaled base lr.")
+    base_lr: float = _f(2e-4, "Peak learning rate for a total batch of 512; scaled by global_batch_size / 512.")
+    warmup_lr: float = _f(1e-6, "Learning rate at step 0 for a total batch of 512 (scaled likewise).")
+    min_lr: float = _f(1e-5, "Final learning rate of the cosine schedule for a total batch of 512 (scaled "
+                             "likewise). Unused by multistep.")
+    lr_scheduler: Literal["cosine", "multistep"] = _f("cosine", "After warmup: 'cosine' to min_lr, or "
+                                                                "'multistep' (x decay_rate at each decay_epochs).")
+    decay_epochs: List[int] = _f([], "Multistep: epochs at which the lr is multiplied by decay_rate.")
+    decay_rate: float = _f(0.1, "Multistep: the factor applied at each of decay_epochs.")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to 1-D parameters, biases, position "
+                                   "embeddings, the mask token and relative position bias tables).")
+    betas: Tuple[float, float] = _f((0.9, 0.999), "AdamW betas.")
+    eps: float = _f(1e-8, "AdamW eps.")
+    clip_grad: Optional[float] = _f(5.0, "Gradient clipping max norm; null disables.")
+    layer_decay: float = _f(1.0, "Layer-wise lr decay (1.0 = none; fine-tuning uses < 1).")
+    global_batch_size: int = _f(2048, "Images per optimiser step over all ranks and accumulation steps.")
+    micro_batch_size: int = _f(128, "Images per rank per forward/backward. Accumulation steps = "
+                                    "global_batch_size / (micro_batch_size * world size), which must be an int.")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimiser steps (the schedule still spans 'epochs'); "
+                                        "null = run all epochs.")
+    seed: int = _f(0, "Random seed (model init, data order, augmentation, masks).")
+    nan_policy: Literal["stop", "skip"] = _f("stop", "On a non-finite loss: 'stop' (error, nothing corrupt is "
+                                                     "saved) or 'skip' the step and count it.")
+    max_skipped_steps: int = _f(100, "With nan_policy 'skip': stop after this many skipped steps in a row.")
+
+    def validate(self) -> None:
+        _positive(self, "epochs", "global_batch_size", "micro_batch_size")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            _err("train.warmup_epochs", self.warmup_epochs, f"must be in [0, train.epochs = {self.epochs}]")
+        for k in ("base_lr", "warmup_lr", "min_lr", "weight_decay", "eps"):
+            if getattr(self, k) < 0:
+                _err(f"train.{k}", getattr(self, k), "must be >= 0")
+        if not self.base_lr > 0:
+            _err("train.base_lr", self.base_lr, "must be > 0")
+        if any(not 0 <= b < 1 for b in self.betas):
+            _err("train.betas", list(self.betas), "must be two numbers in [0, 1)")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            _err("train.clip_grad", self.clip_grad, "must be > 0 or null")
+        if not 0 < self.layer_decay <= 1:
+            _err("train.layer_decay", self.layer_decay, "must be in (0, 1]")
+        if self.lr_scheduler == "multistep":
+            if any(e < 0 or e > self.epochs for e in self.decay_epochs) or sorted(self.decay_epochs) != self.decay_epochs:
+                _err("train.decay_epochs", self.decay_epochs, f"must be increasing epochs in [0, {self.epochs}]")
+        if not 0 < self.decay_rate <= 1:
+            _err("train.decay_rate", self.decay_rate, "must be in (0, 1]")
+        if self.global_batch_size % self.micro_batch_size:
+            _err("train.global_batch_size", self.global_batch_size,
+                 f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})")
+        if self.max_steps is not None and self.max_steps < 1:
+            _err("train.max_steps", self.max_steps, "must be >= 1 or null")
+        if self.max_skipped_steps < 1:
+            _err("train.max_skipped_steps", self.max_skipped_steps, "must be >= 1")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"config key 'train.global_batch_size' = {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size}) x world size ({world_size}) = {per_step}; "
+                f"change one of them (e.g. --set train.micro_batch_size=...)")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class EngineConfig:
+    mode: Literal["deepspeed", "torch"] = _f("deepspeed", "'deepspeed' (ZeRO, checkpoints through DeepSpeed) or "
+                                                          "'torch' (plain PyTorch/DDP, the yardstick).")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3.")
+    precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision: bf16, fp16 (dynamic loss "
+                                                            "scaling) or fp32.")
+    compile: Union[bool, Literal["auto"]] = _f("auto", "torch.compile the model: 'auto' = on with CUDA, off on "
+                                                       "the CPU; true/false force it.")
+    deepspeed: Dict[str, Any] = _f({}, "Extra DeepSpeed config keys, merged over the derived DeepSpeed config "
+                                       "(nested dicts merge key by key).")
+    dist_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend: auto = nccl on CUDA, "
+                                                               "gloo on the CPU.")
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _err("engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(1000, "Save a checkpoint every this many optimiser steps (and always at the end).")
+    keep_last: int = _f(3, "Keep this many most recent checkpoints (older ones are deleted after a good save).")
+
+    def validate(self) -> None:
+        _positive(self, "every_steps", "keep_last")
+
+
+@dataclass
+class LoggingConfig:
+    print_every: int = _f(10, "Progress/metrics log interval in optimiser steps.")
+    tensorboard: bool = _f(True, "Write TensorBoard scalars under <output_dir>/tensorboard.")
+    visualize_every: int = _f(0, "Write a reconstruction PNG grid every this many steps (0 = never).")
+
+    def validate(self) -> None:
+        _positive(self, "print_every")
+        if self.visualize_every < 0:
+            _err("logging.visualize_every", self.visualize_every, "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Encoder, head and loss."})
+    mask: MaskConfig = field(default_factory=MaskConfig, metadata={"help": "Random masking."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset and augmentation."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation and schedule."})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "Training engine."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging."})
+    name: str = _f("simmim", "Run name (used in log lines and as the default output folder name).")
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate()
+        m = self.model
+        if m.img_size % self.mask.mask_patch_size:
+            _err("model.img_size", m.img_size,
+                 f"must be divisible by mask.mask_patch_size ({self.mask.mask_patch_size})")
+        if self.mask.mask_patch_size % m.patch_size:
+            _err("mask.mask_patch_size", self.mask.mask_patch_size,
+                 f"must be divisible by model.patch_size ({m.patch_size})")
+        if m.encoder == "swin" and m.img_size % m.encoder_stride:
+            _err("model.img_size", m.img_size,
+                 f"must be divisible by the Swin encoder stride {m.encoder_stride} "
+                 f"(patch_size x 2^(stages - 1))")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and checking
+
+_SOURCE = "<dict>"
+
+
+def _err(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config key '{key}' = {json.dumps(value, default=str)} {why} (in {_SOURCE})")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = _section_name(obj)
+    for n in names:
+        v = getattr(obj, n)
+        if v < 1:
+            _err(f"{section}.{n}", v, "must be a positive int")
+
+
+def _section_name(obj: Any) -> str:
+    for f in dataclasses.fields(Config):
+        if f.type == type(obj).__name__ or getattr(f.type, "__name__", None) == type(obj).__name__:
+            return f.name
+    return type(obj).__name__
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(json.dumps(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        return f"list of {len(args)} {_type_name(args[0])}"
+    if origin in (dict, Dict):
+        return "object"
+    if tp is type(None):
+        return "null"
+    return {int: "int", float: "number", bool: "bool", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the dataclass's form."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}' = {json.dumps(value, default=str)} must be {_type_name(tp)} "
+                      f"(in {_SOURCE})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be an object (a JSON dict of keys), got "
+                              f"{json.dumps(value, default=str)} (in {_SOURCE})")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise bad
+        return value
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise bad
+        return copy.deepcopy(value)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: Dict[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (in {_SOURCE}); known keys"
+            f"{' of ' + prefix[:-1] if prefix else ''}: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """The config as plain JSON-able data (tuples become lists)."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings: --set data.backend=torch
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (value parsed as JSON, else taken as a string) to raw config data."""
+    data = copy.deepcopy(data)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.key=value (e.g. train.base_lr=1e-4)")
+        key, text = ov.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {ov!r}: bad key {key!r}")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(text.strip())
+    return data
+
+
+def load_config(source: Union[str, os.PathLike, Dict[str, Any], Config, None] = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Load, validate and return a Config.
+
+    Args:
+        source: a JSON file path, a dict of raw config data, a Config (re-validated), or None for defaults.
+        overrides: dotted ``section.key=value`` strings applied on top (values parsed as JSON).
+    Raises:
+        ConfigError: naming the file, the key and the value for anything wrong.
+        FileNotFoundError: if the file does not exist.
+    """
+    global _SOURCE
+    if isinstance(source, Config):
+        data, name = config_to_dict(source), "<Config>"
+    elif source is None:
+        data, name = {}, "<defaults>"
+    elif isinstance(source, dict):
+        data, name = copy.deepcopy(source), "<dict>"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object at the top level")
+    prev, _SOURCE = _SOURCE, name + (f" with overrides {list(overrides)}" if overrides else "")
+    try:
+        data = apply_overrides(data, overrides)
+        cfg = _build(Config, data)
+        cfg.validate()
+    finally:
+        _SOURCE = prev
+    return cfg
+
+
+def schema_markdown() -> str:
+    """Every config key with its type, default and meaning, as Markdown (docs/CONFIG.md)."""
+    lines = ["# Config reference", "",
+             "Generated from `simmim_fast/config.py` by `python -m simmim_fast.config > docs/CONFIG.md`.",
+             "Every key is optional; the default is used where a file leaves a key out. Unknown keys, wrong "
+             "types and inconsistent values are errors that name the key.", ""]
+    top = _hints(Config)
+    scalars = []
+    for f in dataclasses.fields(Config):
+        tp = top[f.name]
+        if not dataclasses.is_dataclass(tp):
+            scalars.append((f, tp))
+            continue
+        lines += [f"## `{f.name}`: {f.metadata['help']}", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        hints = _hints(tp)
+        for sf in dataclasses.fields(tp):
+            default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
+            lines.append(f"| `{f.name}.{sf.name}` | {_type_name(hints[sf.name])} | "
+                         f"`{json.dumps(config_to_dict(default) if isinstance(default, tuple) else default)}` | "
+                         f"{sf.metadata['help']} |")
+        lines.append("")
+    lines += ["## top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for f, tp in scalars:
+        lines.append(f"| `{f.name}` | {_type_name(tp)} | `{json.dumps(f.default)}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")

@@ -1,0 +1,92 @@
+"""SimMIM: encoder with mask token, 1x1 conv + PixelShuffle head, masked L1 loss.
+
+    model = SimMIM.from_config(cfg)
+    loss = model(images, mask)            # images (B, 3, H, W) normalised, mask (B, H/p, W/p)
+    rec = model.reconstruct(images, mask) # (B, 3, H, W), in the loss's target space
+"""
+from __future__ import annotations
+
+from typing import Set, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from simmim_fast.kernels import masked_l1_loss, mask_token_substitute
+
+from ..config import Config, ModelConfig
+from .swin import create_swin, swin_forward_masked
+from .vit import create_vit, vit_forward_masked
+
+__all__ = ["SimMIM", "normalize_targets"]
+
+
+def normalize_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """SwinV2 target normalisation: (x - local mean) / sqrt(unbiased local var + 1e-6), per pixel/channel.
+
+    Local statistics over a ``window`` x ``window`` square (stride 1, zero padding excluded from the
+    means); the variance uses n / (n - 1) with n the in-image pixels of each window, clamped at 0.
+    """
+    x = x.float()
+    pad = window // 2
+    mean = F.avg_pool2d(x, window, stride=1, padding=pad, count_include_pad=False)
+    mean_sq = F.avg_pool2d(x * x, window, stride=1, padding=pad, count_include_pad=False)
+    n = F.avg_pool2d(torch.ones_like(x[:, :1]), window, stride=1, padding=pad, count_include_pad=True) * window ** 2
+    var = ((mean_sq - mean ** 2) * (n / (n - 1))).clamp(min=0)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+class SimMIM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = cfg.patch_size
+        self.in_chans = cfg.in_chans
+        self.encoder_stride = cfg.encoder_stride
+        if cfg.encoder == "swin":
+            self.encoder = create_swin(cfg)
+            self._forward_masked = swin_forward_masked
+        else:
+            self.encoder = create_vit(cfg)
+            self._forward_masked = vit_forward_masked
+        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
+        if cfg.mask_token_init == "trunc_normal":
+            trunc_normal_(self.mask_token, mean=0.0, std=0.02)
+        self.head = nn.Sequential(
+            nn.Conv2d(self.encoder.num_features, self.encoder_stride ** 2 * cfg.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.encoder_stride))
+
+    @classmethod
+    def from_config(cls, cfg: Union[Config, ModelConfig]) -> "SimMIM":
+        return cls(cfg.model if isinstance(cfg, Config) else cfg)
+
+    def _substitute(self, x: torch.Tensor, mask: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return mask_token_substitute(x, mask, token, backend=self.cfg.ops_backend)
+
+    def _check_inputs(self, images: torch.Tensor, mask: torch.Tensor) -> None:
+        c, s, p = self.in_chans, self.cfg.img_size, self.patch_size
+        if images.dim() != 4 or images.shape[1:] != (c, s, s):
+            raise ValueError(f"SimMIM: images must be (B, {c}, {s}, {s}), got {tuple(images.shape)}")
+        if mask.shape != (images.shape[0], s // p, s // p):
+            raise ValueError(f"SimMIM: mask must be the token mask (B, {s // p}, {s // p}) for images "
+                             f"{tuple(images.shape)}, got {tuple(mask.shape)}")
+
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Head output (B, 3, H, W): the predicted target (the normalised image, or with
+        model.norm_targets the locally normalised image)."""
+        self._check_inputs(images, mask)
+        z = self._forward_masked(self.encoder, images, mask, self.mask_token, self._substitute)
+        return self.head(z)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rec = self.reconstruct(images, mask)
+        target = normalize_targets(images, self.cfg.norm_targets_window) if self.cfg.norm_targets else images
+        return masked_l1_loss(rec, target, mask, self.patch_size, backend=self.cfg.ops_backend)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names excluded from weight decay besides 1-D tensors and biases."""
+        names = {"mask_token"}
+        names |= {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
+        names |= {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        return names
