@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ is installed as simmim_fast.kernels: other MIM code imports it on its own, and the
     # unrelated PyPI package called `kernels` is never shadowed.
-    packages=["simmim_fast", "simmim_fast.models", "simmim_fast.kernels"],
+    packages=find_packages(include=["simmim_fast", "simmim_fast.*"]) + ["simmim_fast.kernels"],
     package_dir={"simmim_fast.kernels": "kernels"},
     include_package_data=True,
     install_requires=[
