@@ -1,0 +1,65 @@
+"""Finding the images of a dataset: ImageFolder tree, flat folder, or a file list."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from .samples import sample_photo_paths
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "detect_layout"]
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def detect_layout(path: Path) -> str:
+    """'filelist' for a file, 'imagefolder' for a folder whose entries are only sub-folders, else 'flat'."""
+    if path.is_file():
+        return "filelist"
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    if entries and all(e.is_dir() for e in entries):
+        return "imagefolder"
+    return "flat"
+
+
+def list_images(path: Optional[str], layout: str = "auto") -> List[Path]:
+    """Sorted image paths of the dataset (sorted so that every rank sees the same order).
+
+    ``path`` None means the sample photos shipped with scikit-image. Raises FileNotFoundError if
+    the path is missing and ValueError if it holds no images.
+    """
+    if path is None:
+        return sample_photo_paths()
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data.path does not exist: {root}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "filelist":
+        if not root.is_file():
+            raise ValueError(f"data.layout is 'filelist' but data.path {root} is not a file")
+        base = root.parent
+        paths = []
+        for line in root.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line.split("\t")[0].split(" ")[0])
+                paths.append(p if p.is_absolute() else base / p)
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} files listed in {root} do not exist, e.g. {missing[0]}")
+    else:
+        if not root.is_dir():
+            raise ValueError(f"data.layout is '{layout}' but data.path {root} is not a folder")
+        pattern = "*/*" if layout == "imagefolder" else "*"
+        paths = [p for p in root.glob(pattern) if p.is_file() and _is_image(p)]
+        if layout == "imagefolder":  # also accept nested class folders
+            paths += [p for p in root.glob("*/*/**/*") if p.is_file() and _is_image(p)]
+    paths = sorted(set(paths))
+    if not paths:
+        raise ValueError(f"no images found in data.path {root} (layout {layout}; extensions "
+                         f"{', '.join(IMAGE_EXTENSIONS)})")
+    return paths
