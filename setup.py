@@ -29,6 +29,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
     ],
+    entry_points={"console_scripts": ["simmim-fast = simmim_fast.cli:main"]},
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],

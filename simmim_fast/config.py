@@ -472,7 +472,7 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], Config, None] = 
 def schema_markdown() -> str:
     """Every config key with its type, default and meaning, as Markdown (docs/CONFIG.md)."""
     lines = ["# Config reference", "",
-             "Generated from `simmim_fast/config.py` by `python -m simmim_fast.config > docs/CONFIG.md`.",
+             "Generated from `simmim_fast/config.py` by `simmim-fast config-docs -o docs/CONFIG.md`.",
              "Every key is optional; the default is used where a file leaves a key out. Unknown keys, wrong "
              "types and inconsistent values are errors that name the key.", ""]
     top = _hints(Config)

@@ -98,7 +98,7 @@ def test_defaults_validate_and_round_trip():
 
 def test_config_docs_are_current():
     doc = (ROOT / "docs/CONFIG.md").read_text()
-    assert doc == schema_markdown(), "regenerate with: python -m simmim_fast.config > docs/CONFIG.md"
+    assert doc == schema_markdown(), "regenerate with: simmim-fast config-docs -o docs/CONFIG.md"
 
 
 def test_kernels_import_alone():
