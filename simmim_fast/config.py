@@ -208,10 +208,24 @@ class EngineConfig:
     mode: Literal["deepspeed", "torch"] = _f("deepspeed", "'deepspeed' (ZeRO, checkpoints through DeepSpeed) or "
                                                           "'torch' (plain PyTorch/DDP, the yardstick).")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage 0-3.")
-    precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision: bf16, fp16 (dynamic loss "
-                                                            "scaling) or fp32.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "Training precision: 'auto' (bf16 on CUDA, fp32 on the CPU, where bf16 autocast is slow), bf16, "
+                "fp16 (dynamic loss scaling; CUDA only) or fp32.")
+    bf16_weights: bool = _f(False, "bf16 in deepspeed mode: keep the model weights in bf16 through DeepSpeed's "
+                                   "bf16 mode (fp32 master weights live in the optimizer) instead of fp32 weights + "
+                                   "torch.autocast. Less weight traffic, but activations and the residual stream "
+                                   "are bf16 too (autocast keeps them fp32).")
     compile: Union[bool, Literal["auto"]] = _f("auto", "torch.compile the model: 'auto' = on with CUDA, off on "
                                                        "the CPU; true/false force it.")
+    optimizer: Literal["auto", "torch_fused", "torch_foreach", "deepspeed_fused"] = _f(
+        "auto", "AdamW implementation: 'auto' (torch fused on CUDA, torch foreach on the CPU), 'torch_fused', "
+                "'torch_foreach' or 'deepspeed_fused' (DeepSpeed FusedAdam; JIT-builds a CUDA op).")
+    overlap_comm: Union[bool, Literal["auto"]] = _f(
+        "auto", "DeepSpeed zero_optimization.overlap_comm: 'auto' = on with more than one rank at ZeRO >= 2, off "
+                "with one rank (DeepSpeed synchronises the device at every bucket when it is on).")
+    reduce_bucket_size: int = _f(25_000_000, "DeepSpeed ZeRO reduce bucket (elements); smaller buckets overlap more "
+                                             "of the gradient reduction with the backward pass.")
+    allgather_bucket_size: int = _f(25_000_000, "DeepSpeed ZeRO-1/2 all-gather bucket (elements).")
     deepspeed: Dict[str, Any] = _f({}, "Extra DeepSpeed config keys, merged over the derived DeepSpeed config "
                                        "(nested dicts merge key by key).")
     dist_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend: auto = nccl on CUDA, "
@@ -220,12 +234,28 @@ class EngineConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             _err("engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        if self.bf16_weights and self.precision not in ("bf16", "auto"):
+            _err("engine.bf16_weights", self.bf16_weights, f"needs engine.precision bf16 (is {self.precision!r})")
+        if self.bf16_weights and self.mode != "deepspeed":
+            _err("engine.bf16_weights", self.bf16_weights, "needs engine.mode 'deepspeed' (torch mode uses autocast)")
+        if self.mode == "torch" and self.zero_stage not in (0, 1):
+            _err("engine.zero_stage", self.zero_stage, "must be 0 or 1 with engine.mode 'torch' (no ZeRO there); "
+                                                       "use engine.mode 'deepspeed' for ZeRO")
+        if self.mode == "torch" and self.optimizer == "deepspeed_fused":
+            _err("engine.optimizer", self.optimizer, "needs engine.mode 'deepspeed'")
+        _positive(self, "reduce_bucket_size", "allgather_bucket_size")
+        reserved = sorted({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                           "optimizer", "scheduler"} & set(self.deepspeed))
+        if reserved:
+            _err(f"engine.deepspeed.{reserved[0]}", self.deepspeed[reserved[0]],
+                 "is derived from the train section (batch sizes, optimiser, schedule); set train.* instead")
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = _f(1000, "Save a checkpoint every this many optimiser steps (and always at the end).")
     keep_last: int = _f(3, "Keep this many most recent checkpoints (older ones are deleted after a good save).")
+    save_at_end: bool = _f(True, "Also save when training ends (max_steps or the last epoch).")
 
     def validate(self) -> None:
         _positive(self, "every_steps", "keep_last")
@@ -236,6 +266,11 @@ class LoggingConfig:
     print_every: int = _f(10, "Progress/metrics log interval in optimiser steps.")
     tensorboard: bool = _f(True, "Write TensorBoard scalars under <output_dir>/tensorboard.")
     visualize_every: int = _f(0, "Write a reconstruction PNG grid every this many steps (0 = never).")
+    progress_bar: Union[bool, Literal["auto"]] = _f("auto", "Rank 0 progress bar (loss, lr, img/s, ETA): 'auto' = "
+                                                            "when stderr is a terminal, else one log line per "
+                                                            "print_every steps.")
+    loss_curve: bool = _f(True, "Write <output_dir>/loss_curve.png from metrics.jsonl at every checkpoint and at "
+                                "the end.")
 
     def validate(self) -> None:
         _positive(self, "print_every")

@@ -1,0 +1,199 @@
+"""Checkpoints: layout, atomic commit, keep-last-K, resume state, and loading a model from any of them.
+
+    <output_dir>/checkpoints/
+        latest                      text file: the tag of the newest complete checkpoint
+        step_00000100/
+            config.json             the resolved config (tools rebuild the model from it alone)
+            trainer_state.json      step, epoch, position in the epoch, skipped steps, engine facts
+            rng/rank_00000.pt       python, numpy, torch (CPU and CUDA) RNG states of each rank
+            deepspeed/              DeepSpeed's files (engine.mode deepspeed), or
+            model.pt, optimizer.pt  (engine.mode torch; model.pt = SimMIM.state_dict())
+
+A checkpoint is written under ``.partial-<tag>`` and renamed to ``<tag>`` only after every rank
+finished writing; ``latest`` is then replaced atomically (temp file + os.replace). A kill at any
+moment leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..config import Config, config_to_dict, load_config
+
+__all__ = ["CheckpointError", "CheckpointManager", "resolve_checkpoint", "load_model_state", "tag_for_step",
+           "read_trainer_state", "capture_rng", "restore_rng"]
+
+_TAG = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def capture_rng() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _is_checkpoint(d: Path) -> bool:
+    return (d / "trainer_state.json").is_file() and (d / "config.json").is_file()
+
+
+def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """One checkpoint dir from an output dir, a checkpoints dir (via ``latest``) or a checkpoint dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {p}")
+    if _is_checkpoint(p):
+        return p
+    for root in (p, p / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            ckpt = root / tag
+            if not _is_checkpoint(ckpt):
+                raise CheckpointError(f"{latest} names {tag!r}, but {ckpt} is not a complete checkpoint")
+            return ckpt
+    raise CheckpointError(f"no checkpoint at {p}: expected a checkpoint dir (with trainer_state.json), a "
+                          f"checkpoints dir or an output dir with a 'latest' file")
+
+
+def read_trainer_state(ckpt: Path) -> Dict[str, Any]:
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under ``<output_dir>/checkpoints`` (all ranks call save, rank 0 commits)."""
+
+    def __init__(self, output_dir: Union[str, Path], rank: int, keep_last: int, barrier):
+        self.root = Path(output_dir) / "checkpoints"
+        self.rank = rank
+        self.keep_last = keep_last
+        self.barrier = barrier
+
+    def latest(self) -> Optional[Path]:
+        f = self.root / "latest"
+        if not f.is_file():
+            return None
+        return resolve_checkpoint(self.root)
+
+    def tags(self) -> List[str]:
+        if not self.root.is_dir():
+            return []
+        found = [d.name for d in self.root.iterdir() if d.is_dir() and _TAG.match(d.name) and _is_checkpoint(d)]
+        return sorted(found, key=lambda t: int(_TAG.match(t).group(1)))
+
+    def clean_partial(self) -> None:
+        """Remove leftovers of saves that were killed (rank 0, before training starts)."""
+        if self.rank == 0 and self.root.is_dir():
+            for d in self.root.glob(".partial-*"):
+                shutil.rmtree(d, ignore_errors=True)
+        self.barrier()
+
+    def save(self, step: int, cfg: Config, trainer_state: Dict[str, Any], write_engine_state) -> Path:
+        """Write a checkpoint for ``step``. ``write_engine_state(dir)`` is called on every rank and must
+        write the model/optimiser state into ``dir`` (collectively for DeepSpeed)."""
+        tag = tag_for_step(step)
+        final = self.root / tag
+        if _is_checkpoint(final):
+            return final  # this step is already saved (e.g. the end of a run that stopped at a save)
+        tmp = self.root / f".partial-{tag}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        self.barrier()
+        write_engine_state(tmp)
+        torch.save(capture_rng(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        self.barrier()
+        if self.rank == 0:
+            (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+            # trainer_state.json last: its presence marks the checkpoint complete
+            _write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
+            _fsync_dir(tmp)
+            if final.exists():  # an incomplete dir of the same name (cannot come from us; keep it out of the way)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.root / "latest", tag + "\n")
+            self._prune(keep=tag)
+        self.barrier()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        tags = self.tags()
+        for old in tags[:-self.keep_last]:
+            if old != keep:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+
+
+def _ds_stage(ckpt: Path) -> int:
+    return int(read_trainer_state(ckpt).get("engine", {}).get("zero_stage", 0))
+
+
+def load_model_state(path: Union[str, os.PathLike]) -> Tuple[Config, Dict[str, torch.Tensor]]:
+    """(Config, full-precision SimMIM state dict) from an output dir, a checkpoints dir or a checkpoint dir.
+
+    Works for the torch mode and for DeepSpeed checkpoints of any ZeRO stage (ZeRO 1-3 are consolidated
+    from the fp32 master partitions with DeepSpeed's zero_to_fp32). Keys are those of SimMIM.state_dict().
+    """
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.json")
+    if (ckpt / "model.pt").is_file():
+        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    elif (ckpt / "deepspeed").is_dir():
+        if _ds_stage(ckpt) == 0:
+            files = sorted((ckpt / "deepspeed").glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise CheckpointError(f"{ckpt / 'deepspeed'} has no mp_rank_*_model_states.pt")
+            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+    else:
+        raise CheckpointError(f"{ckpt} holds neither model.pt (torch mode) nor deepspeed/ (DeepSpeed mode)")
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    return cfg, state

@@ -1,0 +1,72 @@
+"""Process-group setup for one process (python train.py), torchrun, or the deepspeed launcher."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ["DistInfo", "dist_env", "init_distributed", "barrier", "shutdown"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> DistInfo:
+    """Rank, world size and device from the launcher's environment (one process when there is none)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local, device)
+
+
+def init_distributed(mode: str, backend: str) -> DistInfo:
+    """Start the process group ('deepspeed' mode always has one, even for a single process)."""
+    info = dist_env()
+    if info.device.type == "cuda":
+        torch.cuda.set_device(info.device)
+    if backend == "auto":
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+    if mode == "torch" and info.world_size == 1:
+        return info
+    if "MASTER_ADDR" not in os.environ:  # a plain single process: give it a private rendezvous
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    if mode == "deepspeed":
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    elif not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend)
+    return info
+
+
+def barrier() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def shutdown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()

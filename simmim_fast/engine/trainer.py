@@ -1,0 +1,209 @@
+"""The training loop: schedule, accumulation, logging, non-finite losses, checkpoints and resume.
+
+Nothing here knows about SimMIM: the backend's ``loss_fn`` turns a batch into a loss, the loader
+yields batches with a resumable ``epoch(epoch, start_step)``, and the schedule maps a step to an lr.
+
+Host syncs: losses stay on the device and are fetched once per ``print_every`` steps (one all-reduce
+for all ranks' losses), before each checkpoint and at the end, so the host can run ahead of the GPU.
+nan_policy 'skip' adds one sync per step (it must decide before the update).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+from .checkpoint import CheckpointManager, read_trainer_state, restore_rng
+from .metrics import MetricsLogger, plot_loss_curve
+from .schedule import LRSchedule
+
+__all__ = ["TrainState", "Trainer", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0               # optimiser steps done
+    epoch: int = 0              # current epoch
+    step_in_epoch: int = 0      # optimiser steps done in the current epoch
+    skipped_steps: int = 0      # total updates skipped for a non-finite loss
+    skipped_in_a_row: int = 0
+    samples: int = 0            # images consumed over all ranks
+
+
+@dataclass
+class _Pending:
+    steps: List[int] = field(default_factory=list)
+    epochs: List[int] = field(default_factory=list)
+    losses: List[torch.Tensor] = field(default_factory=list)
+    lrs: List[float] = field(default_factory=list)
+    norm: Optional[torch.Tensor] = None
+
+
+class Trainer:
+    def __init__(self, *, backend, loader, schedule: LRSchedule, steps_per_epoch: int, epochs: int,
+                 max_steps: Optional[int], global_batch_size: int, nan_policy: str, max_skipped_steps: int,
+                 checkpoints: CheckpointManager, checkpoint_every: int, save_at_end: bool, logger: MetricsLogger,
+                 print_every: int, world_size: int, config, loss_curve: bool = True,
+                 on_step: Optional[Callable[[TrainState], None]] = None):
+        if steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch must be >= 1")
+        self.backend, self.loader, self.schedule = backend, loader, schedule
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+        self.global_batch_size = global_batch_size
+        self.nan_policy, self.max_skipped_steps = nan_policy, max_skipped_steps
+        self.checkpoints, self.checkpoint_every, self.save_at_end = checkpoints, checkpoint_every, save_at_end
+        self.logger, self.print_every, self.loss_curve = logger, print_every, loss_curve
+        self.world_size, self.config, self.on_step = world_size, config, on_step
+        self.accumulation = backend.accumulation
+        if hasattr(backend, "check_finite"):
+            backend.check_finite = nan_policy == "skip"
+        self._pending = _Pending()
+        self._last_flush_time = time.perf_counter()
+        self._last_flush_step = 0
+        self._sec_per_step = 0.0
+
+    # ---------------------------------------------------------------- resume
+    def resume(self, ckpt_dir, rank: int) -> TrainState:
+        st = read_trainer_state(ckpt_dir)
+        facts = self.backend.engine_facts()
+        saved = st.get("engine", {})
+        for key in ("mode", "zero_stage", "world_size", "accumulation_steps"):
+            if key in saved and saved[key] != facts[key]:
+                raise ValueError(f"cannot resume from {ckpt_dir}: it was written with {key} = {saved[key]!r}, "
+                                 f"this run has {facts[key]!r}; resume with the same engine.mode, "
+                                 f"engine.zero_stage, number of ranks and batch sizes (or --resume none)")
+        if st.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ValueError(f"cannot resume from {ckpt_dir}: it has {st.get('steps_per_epoch')} steps per epoch, "
+                             f"this run has {self.steps_per_epoch} (different dataset or batch size)")
+        self.backend.read_state(ckpt_dir)
+        rng = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
+        if rng.is_file():
+            restore_rng(torch.load(rng, map_location="cpu", weights_only=False))
+        state = TrainState(**st["state"])
+        self._last_flush_step = state.step
+        return state
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, state: Optional[TrainState] = None) -> TrainState:
+        state = state or TrainState()
+        self._last_flush_step = state.step
+        self._last_flush_time = time.perf_counter()
+        while state.step < self.total_steps:
+            micro_start = state.step_in_epoch * self.accumulation
+            batches = iter(self.loader.epoch(state.epoch, start_step=micro_start))
+            while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
+                self._one_step(state, batches)
+                if state.step % self.print_every == 0:
+                    self._flush(state)
+                if self.on_step is not None:
+                    self.on_step(state)
+                if state.step % self.checkpoint_every == 0:
+                    self.save(state)
+            if state.step_in_epoch >= self.steps_per_epoch:
+                state.epoch += 1
+                state.step_in_epoch = 0
+        self._flush(state)
+        if self.save_at_end:
+            self.save(state)
+        self.logger.close()
+        return state
+
+    def _micro_batches(self, batches: Iterator) -> Iterator[Any]:
+        for i in range(self.accumulation):
+            try:
+                yield next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the loader ended after {i} of {self.accumulation} micro-batches of a step; "
+                                   f"loader.steps_per_epoch must cover steps_per_epoch x accumulation") from None
+
+    def _one_step(self, state: TrainState, batches: Iterator) -> None:
+        lr = self.schedule(state.step)
+        result = self.backend.train_step(self._micro_batches(batches), lr)
+        p = self._pending
+        p.steps.append(state.step + 1)
+        p.epochs.append(state.epoch)
+        p.losses.append(result.loss)
+        p.lrs.append(lr)
+        p.norm = result.grad_norm
+        state.step += 1
+        state.step_in_epoch += 1
+        state.samples += self.global_batch_size
+        if self.nan_policy == "skip":
+            finite = bool(torch.isfinite(self._global_mean(result.loss.reshape(1))).item())
+            if result.applied is True and not finite:
+                raise NonFiniteLossError(
+                    f"step {state.step}: the loss is not finite but the engine applied the update; nan_policy "
+                    f"'skip' cannot be honoured by this engine configuration")
+            if not finite or result.applied is False:
+                state.skipped_steps += 1
+                state.skipped_in_a_row += 1
+                p.losses[-1] = torch.full_like(result.loss, float("nan"))
+                self.logger.message(f"step {state.step}: non-finite loss, update skipped "
+                                    f"({state.skipped_steps} skipped so far)")
+                if state.skipped_in_a_row >= self.max_skipped_steps:
+                    raise NonFiniteLossError(
+                        f"{state.skipped_in_a_row} steps in a row had a non-finite loss (train.max_skipped_steps = "
+                        f"{self.max_skipped_steps}); stopping. The last checkpoint is intact.")
+            else:
+                state.skipped_in_a_row = 0
+
+    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.clone()
+            torch_dist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def _flush(self, state: TrainState) -> None:
+        """Fetch the pending losses (one sync, one all-reduce), check them, log them."""
+        p = self._pending
+        if not p.steps:
+            return
+        losses = self._global_mean(torch.stack(p.losses)).cpu().tolist()
+        norm = float(p.norm) if p.norm is not None else None
+        if self.nan_policy == "stop":
+            bad = [s for s, l in zip(p.steps, losses) if not math.isfinite(l)]
+            if bad:
+                last = self.checkpoints.tags()
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {bad[0]} (train.nan_policy = 'stop'); nothing was saved after it. "
+                    f"Last checkpoint: {last[-1] if last else 'none'}. Lower train.base_lr, check the data, or set "
+                    f"train.nan_policy=skip")
+        now = time.perf_counter()
+        n = state.step - self._last_flush_step
+        dt = now - self._last_flush_time
+        img_s = n * self.global_batch_size / dt if dt > 0 and n > 0 else 0.0
+        self._sec_per_step = dt / n if n > 0 else self._sec_per_step
+        for i, (s, e, l, lr) in enumerate(zip(p.steps, p.epochs, losses, p.lrs)):
+            last = i == len(p.steps) - 1
+            rec = {"step": s, "epoch": e, "loss": l if math.isfinite(l) else None, "lr": lr,
+                   "img_per_s": round(img_s, 2), "grad_norm": norm if last else None,
+                   "skipped_steps": state.skipped_steps, "samples": state.samples - (len(p.steps) - 1 - i)
+                   * self.global_batch_size, "time": round(now, 3)}
+            self.logger.log(rec)
+        self.logger.progress(state.step, {**rec, "loss": sum(x for x in losses if math.isfinite(x))
+                                          / max(1, sum(math.isfinite(x) for x in losses))}, self._sec_per_step)
+        self._pending = _Pending()
+        self._last_flush_step, self._last_flush_time = state.step, time.perf_counter()
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, state: TrainState) -> None:
+        self._flush(state)  # never save after an unchecked loss
+        trainer_state = {"state": asdict(state), "steps_per_epoch": self.steps_per_epoch,
+                         "total_steps": self.total_steps, "engine": self.backend.engine_facts()}
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(state.step, self.config, trainer_state, self.backend.write_state)
+        self.logger.message(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+        if self.loss_curve and self.logger.enabled:
+            plot_loss_curve(self.logger.jsonl, self.logger.output_dir / "loss_curve.png", self.logger.name)
+        # saving is not training: keep it out of the next img/s figure
+        self._last_flush_time += time.perf_counter() - t0
