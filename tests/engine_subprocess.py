@@ -1,0 +1,50 @@
+"""Running the engine in subprocesses from tests: environment, DeepSpeed availability, timeouts."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deepspeed_available() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_deepspeed = pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # DeepSpeed builds a small op on first init (~40 s); keep it in a cache that CI keeps between runs
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/simmim-fast-ci/torch_extensions"))
+    env.setdefault("DS_BUILD_OPS", "0")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def deepspeed_launcher() -> list:
+    exe = shutil.which("deepspeed")
+    if exe:
+        return [exe]
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def run(cmd, timeout: float, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc

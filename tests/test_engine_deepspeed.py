@@ -1,0 +1,62 @@
+"""DeepSpeed at ZeRO 1/2/3 with one and two (gloo) ranks: finite decreasing losses on a fixed batch,
+2 ranks == 1 rank for the same global batch, NaN steps skipped, checkpoints consolidate exactly."""
+import json
+import sys
+
+import pytest
+import torch
+
+from engine_subprocess import ROOT, deepspeed_launcher, requires_deepspeed, run
+
+pytestmark = requires_deepspeed
+STAGES = ("1", "2", "3")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for world in (1, 2):
+        d = tmp_path_factory.mktemp(f"zero_w{world}")
+        worker = [str(ROOT / "tests/engine_zero_worker.py"), "--out", str(d)]
+        cmd = [sys.executable] + worker if world == 1 else deepspeed_launcher() + ["--num_gpus", "2"] + worker
+        run(cmd, timeout=400)
+        out[world] = (d, json.loads((d / "result_rank0.json").read_text()))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_losses_finite_and_decreasing(runs, world):
+    _, res = runs[world]
+    assert res["world_size"] == world
+    for stage in STAGES:
+        losses = res["stages"][stage]["losses"]
+        assert all(torch.isfinite(torch.tensor(losses))), (stage, losses)
+        assert all(b < a for a, b in zip(losses, losses[1:])), (stage, losses)
+
+
+def test_two_ranks_match_one_rank(runs):
+    one, two = runs[1][1]["stages"], runs[2][1]["stages"]
+    for stage in STAGES:  # ZeRO-2 is the one the issue names; 1 and 3 must agree as well
+        assert one[stage]["losses"] == pytest.approx(two[stage]["losses"], rel=1e-5, abs=1e-6), stage
+    # and the stages agree with each other: ZeRO only changes where state lives
+    assert one["1"]["losses"] == pytest.approx(one["3"]["losses"], rel=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nan_step_is_skipped(runs, world):
+    for stage in STAGES:
+        r = runs[world][1]["stages"][stage]
+        assert r["nan_step_applied"] is False and r["params_unchanged_after_nan"] is True, stage
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_load_model_state_consolidates_every_stage(runs, world):
+    from simmim_fast import SimMIM
+    from simmim_fast.engine import load_model_state
+    d, _ = runs[world]
+    for stage in STAGES:
+        cfg, state = load_model_state(d / f"zero{stage}")      # an output dir, resolved through 'latest'
+        expected = torch.load(d / f"zero{stage}_params.pt")
+        assert set(state) == set(SimMIM.from_config(cfg).state_dict())
+        for name, value in expected.items():
+            assert state[name].dtype == torch.float32 and torch.equal(state[name], value), (stage, name)
