@@ -48,3 +48,14 @@ def run(cmd, timeout: float, **env) -> subprocess.CompletedProcess:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """In-process training tests: one intra-op thread (two threads on a shared 2-core CI box oversubscribe
+    and run 10-100x slower)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine_subprocess import ROOT, requires_deepspeed, run, subprocess_env
+from engine_subprocess import ROOT, one_thread, requires_deepspeed, run, subprocess_env  # noqa: F401
 
 # A tiny Swin on 64-px crops of the sample photos: 4 steps per epoch, a checkpoint every 3 steps.
 ARGS = ["--config", "configs/swin_tiny_cpu.json",
@@ -64,7 +64,7 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
     assert (cut / "loss_curve.png").stat().st_size > 1000
 
 
-def test_torch_mode_stop_and_resume_in_process(tmp_path):
+def test_torch_mode_stop_and_resume_in_process(tmp_path, one_thread):
     """engine.mode torch: a run stopped at step 3 and resumed equals an uninterrupted one."""
     from simmim_fast.engine.pretrain import cli
     base = ARGS + ["--set", "engine.mode=torch", "--set", "engine.zero_stage=0"]

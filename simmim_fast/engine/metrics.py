@@ -72,6 +72,7 @@ class MetricsLogger:
         self.start_step = start_step
         if not enabled:
             return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=start_step or None)

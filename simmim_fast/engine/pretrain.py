@@ -108,7 +108,10 @@ def preflight(args: argparse.Namespace):
                              f"or another --output-dir")
         resume_path = None
     elif resume == "auto":
-        resume_path = resolve_checkpoint(ckpt_root) if (ckpt_root / "latest").is_file() else None
+        try:
+            resume_path = resolve_checkpoint(ckpt_root) if (ckpt_root / "latest").is_file() else None
+        except CheckpointError as e:
+            raise UsageError(f"--resume auto: {e}") from None
     else:
         try:
             resume_path = resolve_checkpoint(resume)
