@@ -215,8 +215,10 @@ class EngineConfig:
                                    "bf16 mode (fp32 master weights live in the optimizer) instead of fp32 weights + "
                                    "torch.autocast. Less weight traffic, but activations and the residual stream "
                                    "are bf16 too (autocast keeps them fp32).")
-    compile: Union[bool, Literal["auto"]] = _f("auto", "torch.compile the model: 'auto' = on with CUDA, off on "
-                                                       "the CPU; true/false force it.")
+    compile: Union[bool, Literal["auto"]] = _f("auto", "torch.compile the model (DeepSpeed: engine.compile()): "
+                                                       "'auto' = on with CUDA except at ZeRO-3 (graph breaks at "
+                                                       "every module, see docs/ENGINE.md), off on the CPU; "
+                                                       "true/false force it.")
     optimizer: Literal["auto", "torch_fused", "torch_foreach", "deepspeed_fused"] = _f(
         "auto", "AdamW implementation: 'auto' (torch fused on CUDA, torch foreach on the CPU), 'torch_fused', "
                 "'torch_foreach' or 'deepspeed_fused' (DeepSpeed FusedAdam; JIT-builds a CUDA op).")

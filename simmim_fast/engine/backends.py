@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from .ds_config import deepspeed_config, uses_autocast
+from .ds_config import deepspeed_config, engine_clips_gradients, uses_autocast
 from .dist import DistInfo
 from .optim import build_adamw
 
-__all__ = ["StepResult", "DeepSpeedBackend", "TorchBackend", "build_backend", "default_loss_fn"]
+__all__ = ["StepResult", "DeepSpeedBackend", "TorchBackend", "build_backend", "default_loss_fn", "want_compile"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -47,9 +47,14 @@ def _dtype(precision: str) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def _want_compile(cfg: Config, device: torch.device) -> bool:
+def want_compile(cfg: Config, device: torch.device) -> bool:
+    """engine.compile 'auto': on with CUDA, except at ZeRO-3, whose per-module parameter hooks split the graph
+    at every module: torch.compile then spends minutes on many small graphs and fuses nothing (docs/ENGINE.md).
+    true forces it (engine.compile() works at ZeRO-3), false turns it off."""
     c = cfg.engine.compile
-    return device.type == "cuda" if c == "auto" else bool(c)
+    if c == "auto":
+        return device.type == "cuda" and not (cfg.engine.mode == "deepspeed" and cfg.engine.zero_stage == 3)
+    return bool(c)
 
 
 class DeepSpeedBackend:
@@ -66,7 +71,14 @@ class DeepSpeedBackend:
         optimizer = build_adamw(groups, cfg.train, dist.device, cfg.engine.optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.to(dist.device), optimizer=optimizer, config=self.ds_config, dist_init_required=False)
-        self.compiled = _want_compile(cfg, dist.device)
+        # ZeRO-0, fp32 weights: we clip (see engine_clips_gradients); the user may still force DeepSpeed's.
+        self.clip = cfg.train.clip_grad if (engine_clips_gradients(cfg, precision)
+                                            and not self.ds_config["gradient_clipping"]) else None
+        if self.ds_config["zero_optimization"]["stage"] == 0 and dist.world_size == 1:
+            # One rank: DeepSpeed's ZeRO-0 all-reduce would flatten every gradient into a buffer, "reduce" it
+            # with itself and copy it back, two full passes over the gradients for nothing.
+            self.engine.enable_backward_allreduce = False
+        self.compiled = want_compile(cfg, dist.device)
         if self.compiled:
             self.engine.compile()  # DeepSpeed's own entry: works at ZeRO-3, where torch.compile(model) does not
 
@@ -82,15 +94,20 @@ class DeepSpeedBackend:
     def train_step(self, micro_batches: Iterable[Any], lr: float) -> StepResult:
         self.set_lr(lr)
         losses = []
+        norm = None
         for batch in micro_batches:
             with _autocast(self.dist.device, self.autocast_dtype):
                 loss = self.loss_fn(self.engine, batch)
             self.engine.backward(loss)
+            if self.clip and self.engine.is_gradient_accumulation_boundary():
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.engine.module.parameters() if p.grad is not None], self.clip, foreach=True)
             self.engine.step()  # counts micro-steps; the update happens at the accumulation boundary
             losses.append(loss.detach().float())
         if len(losses) != self.accumulation:
             raise RuntimeError(f"train_step got {len(losses)} micro-batches, expected {self.accumulation}")
-        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         if norm is not None and not torch.is_tensor(norm):
             norm = torch.tensor(float(norm))
         applied = self.engine.was_step_applied()
@@ -128,7 +145,7 @@ class TorchBackend:
         if dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-        self.compiled = _want_compile(cfg, dist.device)
+        self.compiled = want_compile(cfg, dist.device)
         self.net = torch.compile(net) if self.compiled else net
         self.ddp = net if dist.world_size > 1 else None
         self.check_finite = False

@@ -12,7 +12,7 @@ from typing import Any, Dict
 
 from ..config import Config
 
-__all__ = ["resolve_precision", "uses_autocast", "deepspeed_config", "merge_dicts"]
+__all__ = ["resolve_precision", "uses_autocast", "deepspeed_config", "engine_clips_gradients", "merge_dicts"]
 
 
 def resolve_precision(cfg: Config, device_type: str) -> str:
@@ -42,6 +42,13 @@ def merge_dicts(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def engine_clips_gradients(cfg: Config, precision: str) -> bool:
+    """ZeRO-0 with fp32 weights: the engine clips with torch's multi-tensor clip_grad_norm_ instead of
+    DeepSpeed's per-parameter norms (one small kernel per parameter and a host sync)."""
+    half_weights = precision == "fp16" or (precision == "bf16" and cfg.engine.bf16_weights)
+    return cfg.engine.zero_stage == 0 and not half_weights and bool(cfg.train.clip_grad)
+
+
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> Dict[str, Any]:
     t, e = cfg.train, cfg.engine
     stage = e.zero_stage
@@ -63,7 +70,7 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> Dict[str, 
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.accumulation_steps(world_size),
-        "gradient_clipping": float(t.clip_grad) if t.clip_grad else 0.0,
+        "gradient_clipping": float(t.clip_grad) if t.clip_grad and not engine_clips_gradients(cfg, precision) else 0.0,
         "zero_optimization": zero,
         # ZeRO wraps a client optimiser it has not tested; torch's AdamW is the one we pass.
         "zero_allow_untested_optimizer": True,
