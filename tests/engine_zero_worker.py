@@ -1,7 +1,7 @@
 """Worker for tests/test_engine_deepspeed.py, run as `python ...` (1 rank) or `deepspeed --num_gpus 2 ...`.
 
-For each ZeRO stage: a few steps on one fixed global batch (each rank takes its shard), the global
-mean loss per step, a checkpoint, the full fp32 weights (gathered) for comparison with
+For each ZeRO stage: a few steps on one fixed global batch (each rank takes its shard) with gradient
+clipping active (max norm 0.1), the global mean loss per step, a checkpoint, the full fp32 weights (gathered) for comparison with
 load_model_state, and one step with a NaN loss that DeepSpeed must skip. Writes <out>/result_rank0.json.
 """
 import argparse
@@ -37,7 +37,7 @@ def fixed_batch(cfg, global_batch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--local_rank", type=int, default=None)
@@ -51,7 +51,7 @@ def main():
         t0 = time.time()
         data = dict(base)
         data["train"] = {"global_batch_size": args.global_batch, "micro_batch_size": args.global_batch // world,
-                         "base_lr": 1e-3, "warmup_lr": 1e-3, "clip_grad": 5.0, "weight_decay": 0.05}
+                         "base_lr": 1e-3, "warmup_lr": 1e-3, "clip_grad": 0.1, "weight_decay": 0.05}
         data["engine"] = {"mode": "deepspeed", "zero_stage": stage, "precision": "fp32", "compile": False}
         cfg = load_config(data)
         torch.manual_seed(0)
@@ -61,12 +61,13 @@ def main():
         images, masks = fixed_batch(cfg, args.global_batch)
         mb = cfg.train.micro_batch_size
         shard = (images[rank * mb:(rank + 1) * mb], masks[rank * mb:(rank + 1) * mb])
-        losses = []
+        losses, norms = [], []
         for _ in range(args.steps):
             r = backend.train_step([shard], lr=1e-3)
             loss = r.loss.clone()
             torch_dist.all_reduce(loss)
             losses.append(loss.item() / world)
+            norms.append(float(r.grad_norm) if r.grad_norm is not None else None)
         # checkpoint + the gathered fp32 weights it must consolidate to
         ckpts = CheckpointManager(out / f"zero{stage}", rank, keep_last=2, barrier=barrier)
         ckpts.save(args.steps, cfg, {"state": {"step": args.steps}, "steps_per_epoch": 1,
@@ -80,6 +81,12 @@ def main():
             full = {n: p.detach().clone().float() for n, p in module.named_parameters()}
         if rank == 0:
             torch.save(full, out / f"zero{stage}_params.pt")
+        record = {"losses": losses, "grad_norms": norms, "seconds": round(time.time() - t0, 2)}
+        result["stages"][stage] = record
+        if stage == 0:  # ZeRO-0 does not skip non-finite steps (train.py refuses nan_policy 'skip' there)
+            barrier()
+            del backend
+            continue
         # a NaN loss: DeepSpeed's ZeRO optimiser must skip the update
         backend.loss_fn = lambda m, b: m(*b) * float("nan")
         nan_result = backend.train_step([shard], lr=1e-3)
@@ -89,8 +96,7 @@ def main():
         else:
             after = {n: p.detach().clone().float() for n, p in module.named_parameters()}
         unchanged = all(torch.equal(full[n], after[n]) for n in full)
-        result["stages"][stage] = {"losses": losses, "nan_step_applied": nan_result.applied,
-                                   "params_unchanged_after_nan": unchanged, "seconds": round(time.time() - t0, 2)}
+        record.update(nan_step_applied=nan_result.applied, params_unchanged_after_nan=unchanged)
         barrier()
         del backend
     if rank == 0:
