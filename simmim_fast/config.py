@@ -232,8 +232,13 @@ class EngineConfig:
                                        "(nested dicts merge key by key).")
     dist_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend: auto = nccl on CUDA, "
                                                                "gloo on the CPU.")
+    cpu_threads: int = _f(0, "CPU runs: intra-op threads per rank. 0 = OMP_NUM_THREADS if set, else cores / (2 x "
+                             "ranks on the machine), at least 1 (more threads than free cores makes every op "
+                             "wait on the others).")
 
     def validate(self) -> None:
+        if self.cpu_threads < 0:
+            _err("engine.cpu_threads", self.cpu_threads, "must be >= 0 (0 = automatic)")
         if self.zero_stage not in (0, 1, 2, 3):
             _err("engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         if self.bf16_weights and self.precision not in ("bf16", "auto"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["DistInfo", "dist_env", "init_distributed", "barrier", "shutdown"]
+__all__ = ["DistInfo", "dist_env", "init_distributed", "barrier", "shutdown", "set_cpu_threads"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,21 @@ def init_distributed(mode: str, backend: str) -> DistInfo:
     elif not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend)
     return info
+
+
+def set_cpu_threads(requested: int, info: DistInfo) -> int:
+    """Intra-op threads for a CPU rank (engine.cpu_threads; 0 = automatic, see the config help)."""
+    if info.device.type != "cpu":
+        return torch.get_num_threads()
+    if requested > 0:
+        n = requested
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        n = max(1, (os.cpu_count() or 1) // (2 * max(1, local_ranks)))
+    torch.set_num_threads(n)
+    return n
 
 
 def barrier() -> None:

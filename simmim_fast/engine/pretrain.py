@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import SimMIM
     from .backends import build_backend
     from .checkpoint import CheckpointManager
-    from .dist import barrier, init_distributed, shutdown
+    from .dist import barrier, init_distributed, set_cpu_threads, shutdown
     from .metrics import MetricsLogger
     from .optim import param_groups
     from .schedule import LRSchedule
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     dist = init_distributed(cfg.engine.mode, cfg.engine.dist_backend)
+    threads = set_cpu_threads(cfg.engine.cpu_threads, dist)
     loader = None
     try:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -198,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
                 (out / "deepspeed_config.json").write_text(json.dumps(backend.ds_config, indent=2) + "\n")
                 print("DeepSpeed config:\n" + json.dumps(backend.ds_config, indent=2), flush=True)
             print(f"engine: {backend.engine_facts()} compile={backend.compiled} device={dist.device} "
-                  f"steps/epoch={steps_per_epoch} total steps={total} output dir={out}", flush=True)
+                  f"steps/epoch={steps_per_epoch} total steps={total} output dir={out}"
+                  + (f" cpu threads={threads}" if dist.device.type == "cpu" else ""), flush=True)
         trainer_kw = dict(
             backend=backend, loader=loader, schedule=schedule, steps_per_epoch=steps_per_epoch,
             epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, global_batch_size=cfg.train.global_batch_size,

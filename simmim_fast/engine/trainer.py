@@ -67,6 +67,7 @@ class Trainer:
         if hasattr(backend, "check_finite"):
             backend.check_finite = nan_policy == "skip"
         self._pending = _Pending()
+        self._last_saved_step = -1
         self._last_flush_time = time.perf_counter()
         self._last_flush_step = 0
         self._sec_per_step = 0.0
@@ -89,7 +90,7 @@ class Trainer:
         if rng.is_file():
             restore_rng(torch.load(rng, map_location="cpu", weights_only=False))
         state = TrainState(**st["state"])
-        self._last_flush_step = state.step
+        self._last_flush_step = self._last_saved_step = state.step
         return state
 
     # ---------------------------------------------------------------- loop
@@ -197,11 +198,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, state: TrainState) -> None:
+        if state.step == self._last_saved_step:
+            return
         self._flush(state)  # never save after an unchecked loss
         trainer_state = {"state": asdict(state), "steps_per_epoch": self.steps_per_epoch,
                          "total_steps": self.total_steps, "engine": self.backend.engine_facts()}
         t0 = time.perf_counter()
         path = self.checkpoints.save(state.step, self.config, trainer_state, self.backend.write_state)
+        self._last_saved_step = state.step
         self.logger.message(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
         if self.loss_curve and self.logger.enabled:
             plot_loss_curve(self.logger.jsonl, self.logger.output_dir / "loss_curve.png", self.logger.name)
