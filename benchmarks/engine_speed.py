@@ -89,6 +89,36 @@ def count_syncs(device: torch.device):
             setattr(torch.Tensor, n, fn)
 
 
+def build_step(model: str, variant: str, batch: int, compile: bool, bf16_weights: bool = False,
+               precision: str = "auto", optimizer: str = "auto", overrides=()):
+    """(step(), sync(), backend, dist) for one engine variant on synthetic device tensors."""
+    from simmim_fast.engine.backends import build_backend
+    from simmim_fast.engine.dist import init_distributed
+    from simmim_fast.engine.ds_config import resolve_precision
+    from simmim_fast.engine.optim import param_groups
+    from simmim_fast.engine.synthetic import SyntheticLoader
+
+    path, model_overrides = MODELS[model]
+    mode = "torch" if variant == "torch" else "deepspeed"
+    stage = 0 if variant == "torch" else int(variant[2])
+    cfg = load_config(path, overrides=model_overrides + [
+        f"engine.mode={mode}", f"engine.zero_stage={stage}", f"engine.compile={json.dumps(compile)}",
+        f"engine.precision={precision}", f"engine.bf16_weights={json.dumps(bf16_weights)}",
+        f"engine.optimizer={optimizer}", f"train.micro_batch_size={batch}",
+        f"train.global_batch_size={batch}", "data.backend=synthetic"] + list(overrides))
+    dist = init_distributed(mode, "auto")
+    torch.manual_seed(0)
+    net = SimMIM.from_config(cfg)
+    backend = build_backend(net, param_groups(net, cfg.train.weight_decay), cfg, dist,
+                            resolve_precision(cfg, dist.device.type))
+    batches = SyntheticLoader(cfg, dist.rank, dist.world_size, dist.device).epoch(0)
+    sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
+
+    def step():
+        return backend.train_step([next(batches) for _ in range(backend.accumulation)], lr=1e-4)
+    return step, sync, backend, dist
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="swin_b")
@@ -105,33 +135,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from simmim_fast.engine.backends import build_backend
-    from simmim_fast.engine.dist import init_distributed, shutdown
-    from simmim_fast.engine.ds_config import resolve_precision
-    from simmim_fast.engine.optim import param_groups
-    from simmim_fast.engine.synthetic import SyntheticLoader
+    from simmim_fast.engine.dist import shutdown
 
-    path, model_overrides = MODELS[args.model]
-    mode = "torch" if args.variant == "torch" else "deepspeed"
-    stage = 0 if args.variant == "torch" else int(args.variant[2])
-    cfg = load_config(path, overrides=model_overrides + [
-        f"engine.mode={mode}", f"engine.zero_stage={stage}", f"engine.compile={json.dumps(args.compile)}",
-        f"engine.precision={args.precision}", f"engine.bf16_weights={json.dumps(args.bf16_weights)}",
-        f"engine.optimizer={args.optimizer}", f"train.micro_batch_size={args.batch}",
-        f"train.global_batch_size={args.batch}", "data.backend=synthetic"] + args.overrides)
-    dist = init_distributed(mode, "auto")
+    step, sync, backend, dist = build_step(args.model, args.variant, args.batch, args.compile, args.bf16_weights,
+                                           args.precision, args.optimizer, args.overrides)
     cuda = dist.device.type == "cuda"
-    precision = resolve_precision(cfg, dist.device.type)
-    torch.manual_seed(0)
-    model = SimMIM.from_config(cfg)
-    backend = build_backend(model, param_groups(model, cfg.train.weight_decay), cfg, dist, precision)
-    loader = SyntheticLoader(cfg, dist.rank, dist.world_size, dist.device)
-    batches = loader.epoch(0)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def step():
-        return backend.train_step([next(batches) for _ in range(backend.accumulation)], lr=1e-4)
-
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         r = step()
@@ -146,7 +154,7 @@ def main(argv=None) -> dict:
         sync()
         t = time.perf_counter()
         for _ in range(window):
-            r = step()
+            step()
         sync()
         times.append((time.perf_counter() - t) / window)
     with count_syncs(dist.device) as c:
@@ -157,7 +165,7 @@ def main(argv=None) -> dict:
         sync()
     step_s = statistics.median(times)
     res = {
-        "model": args.model, "variant": args.variant, "compile": backend.compiled, "precision": precision,
+        "model": args.model, "variant": args.variant, "compile": backend.compiled, "precision": backend.precision,
         "bf16_weights": args.bf16_weights, "batch": args.batch, "optimizer": type(backend.optimizer).__name__,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "img_per_s": round(args.batch / step_s, 1), "step_ms": round(step_s * 1000, 2),
@@ -167,7 +175,7 @@ def main(argv=None) -> dict:
         "python_calls_per_step": work["python_calls"], "loss": loss_after_warmup,
         "date": time.strftime("%Y-%m-%d"),
     }
-    if mode == "deepspeed":
+    if args.variant != "torch":
         import deepspeed
         res["deepspeed"] = deepspeed.__version__
     if dist.rank == 0:
