@@ -37,7 +37,8 @@ def fixed_batch(cfg, global_batch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--stages", nargs="+", default=["0", "1", "2", "3", "0b", "1b", "2b"],
+                    help="ZeRO stages; a trailing b = bf16 weights (DeepSpeed bf16 mode) + bf16 autocast")
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--local_rank", type=int, default=None)
@@ -47,17 +48,19 @@ def main():
     out = Path(args.out)
     result = {"world_size": world, "stages": {}}
     base = config_to_dict(tiny_swin_config())
-    for stage in args.stages:
+    for variant in args.stages:
+        stage, bf16 = int(variant[0]), variant.endswith("b")
         t0 = time.time()
         data = dict(base)
         data["train"] = {"global_batch_size": args.global_batch, "micro_batch_size": args.global_batch // world,
                          "base_lr": 1e-3, "warmup_lr": 1e-3, "clip_grad": 0.1, "weight_decay": 0.05}
-        data["engine"] = {"mode": "deepspeed", "zero_stage": stage, "precision": "fp32", "compile": False}
+        data["engine"] = {"mode": "deepspeed", "zero_stage": stage, "precision": "bf16" if bf16 else "fp32",
+                          "bf16_weights": bf16, "compile": False}
         cfg = load_config(data)
         torch.manual_seed(0)
         model = SimMIM.from_config(cfg)
         groups = param_groups(model, cfg.train.weight_decay)
-        backend = DeepSpeedBackend(model, groups, cfg, dist, "fp32")
+        backend = DeepSpeedBackend(model, groups, cfg, dist, cfg.engine.precision)
         images, masks = fixed_batch(cfg, args.global_batch)
         mb = cfg.train.micro_batch_size
         shard = (images[rank * mb:(rank + 1) * mb], masks[rank * mb:(rank + 1) * mb])
@@ -69,7 +72,7 @@ def main():
             losses.append(loss.item() / world)
             norms.append(float(r.grad_norm) if r.grad_norm is not None else None)
         # checkpoint + the gathered fp32 weights it must consolidate to
-        ckpts = CheckpointManager(out / f"zero{stage}", rank, keep_last=2, barrier=barrier)
+        ckpts = CheckpointManager(out / f"zero{variant}", rank, keep_last=2, barrier=barrier)
         ckpts.save(args.steps, cfg, {"state": {"step": args.steps}, "steps_per_epoch": 1,
                                      "engine": backend.engine_facts()}, backend.write_state)
         module = backend.module
@@ -80,10 +83,10 @@ def main():
         else:
             full = {n: p.detach().clone().float() for n, p in module.named_parameters()}
         if rank == 0:
-            torch.save(full, out / f"zero{stage}_params.pt")
+            torch.save(full, out / f"zero{variant}_params.pt")
         record = {"losses": losses, "grad_norms": norms, "seconds": round(time.time() - t0, 2)}
-        result["stages"][stage] = record
-        if stage == 0:  # ZeRO-0 does not skip non-finite steps (train.py refuses nan_policy 'skip' there)
+        result["stages"][variant] = record
+        if variant == "0":  # ZeRO-0 (fp32) does not skip non-finite steps (train.py refuses nan_policy 'skip' there)
             barrier()
             del backend
             continue

@@ -83,7 +83,7 @@ def test_deepspeed_config_is_derived():
     w = load_config(ROOT / "configs/swin_l.json", overrides=["engine.bf16_weights=true", "engine.zero_stage=1"])
     dsw = deepspeed_config(w, world_size=16, precision="bf16")
     assert dsw["bf16"]["enabled"] is True and dsw["data_types"]["grad_accum_dtype"] == "fp32"
-    assert not uses_autocast(w, "bf16")
+    assert uses_autocast(w, "bf16") and not uses_autocast(w, "fp32")
     assert dsw["gradient_clipping"] == 5.0 and json.dumps(dsw)
     assert resolve_precision(cfg, "cpu") == "bf16" and resolve_precision(load_config(None), "cpu") == "fp32"
     assert resolve_precision(load_config(None), "cuda") == "bf16"

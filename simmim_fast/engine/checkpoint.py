@@ -174,6 +174,54 @@ def _ds_stage(ckpt: Path) -> int:
     return int(read_trainer_state(ckpt).get("engine", {}).get("zero_stage", 0))
 
 
+def _bf16_optimizer_state(ds_dir: Path) -> Dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint of DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32
+    gradient accumulation), which zero_to_fp32 does not read: each rank holds a slice of every param group's
+    flat fp32 master copy, and ``param_slice_mappings`` says which part of which parameter it is."""
+    model_files = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
+    rank_files = sorted(ds_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                        key=lambda f: int(re.search(r"pp_rank_(\d+)_", f.name).group(1)))
+    model = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    pieces: Dict[str, List[torch.Tensor]] = {}
+    for f in rank_files:
+        opt = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel))
+    state: Dict[str, torch.Tensor] = {}
+    for shapes in model["param_shapes"]:
+        for name, shape in shapes.items():
+            if name not in pieces:
+                raise CheckpointError(f"{ds_dir}: no fp32 master weights for parameter {name}")
+            full = torch.cat(pieces[name])
+            if full.numel() != torch.Size(shape).numel():
+                raise CheckpointError(f"{ds_dir}: parameter {name} has {full.numel()} master values, expected "
+                                      f"{torch.Size(shape).numel()} for shape {tuple(shape)}")
+            state[name] = full.view(shape).clone()
+    for name, value in model["module"].items():  # buffers (and nothing else) come from the module states
+        state.setdefault(name, value)
+    return state
+
+
+def _zero0_half_state(cfg: Config, model_states: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """ZeRO-0 with bf16/fp16 weights: DeepSpeed's half-precision optimiser keeps the fp32 master weights as
+    per-group lists in our param-group order; rebuild that order (on the meta device) to name them."""
+    from ..models import SimMIM
+    from .optim import param_groups
+    with torch.device("meta"):
+        model = SimMIM.from_config(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model)
+    masters = model_states["optimizer"]["fp32_groups"]
+    if [len(g["params"]) for g in groups] != [len(m) for m in masters]:
+        raise CheckpointError("ZeRO-0 checkpoint: the fp32 master groups do not match the model's param groups")
+    state = dict(model_states["module"])
+    for group, master in zip(groups, masters):
+        for p, value in zip(group["params"], master):
+            state[names[id(p)]] = value.view(p.shape)
+    return state
+
+
 def load_model_state(path: Union[str, os.PathLike]) -> Tuple[Config, Dict[str, torch.Tensor]]:
     """(Config, full-precision SimMIM state dict) from an output dir, a checkpoints dir or a checkpoint dir.
 
@@ -189,7 +237,13 @@ def load_model_state(path: Union[str, os.PathLike]) -> Tuple[Config, Dict[str, t
             files = sorted((ckpt / "deepspeed").glob("mp_rank_*_model_states.pt"))
             if not files:
                 raise CheckpointError(f"{ckpt / 'deepspeed'} has no mp_rank_*_model_states.pt")
-            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            model_states = torch.load(files[0], map_location="cpu", weights_only=False)
+            if isinstance(model_states.get("optimizer"), dict) and "fp32_groups" in model_states["optimizer"]:
+                state = _zero0_half_state(cfg, model_states)
+            else:
+                state = model_states["module"]
+        elif list((ckpt / "deepspeed").glob("bf16_zero_pp_rank_*_optim_states.pt")):
+            state = _bf16_optimizer_state(ckpt / "deepspeed")
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")

@@ -24,12 +24,10 @@ def resolve_precision(cfg: Config, device_type: str) -> str:
 
 
 def uses_autocast(cfg: Config, precision: str) -> bool:
-    """Autocast runs around the forward unless DeepSpeed holds half-precision weights itself."""
-    if precision == "fp32":
-        return False
-    if cfg.engine.mode == "torch":
-        return True
-    return precision == "bf16" and not cfg.engine.bf16_weights
+    """Autocast runs around the forward for bf16 and fp16, also when DeepSpeed holds half-precision weights:
+    then autocast's weight casts are no-ops, the fp32 input images stay fp32 as the loss target, and
+    LayerNorm/softmax/loss still run in fp32 as they do with fp32 weights."""
+    return precision != "fp32"
 
 
 def merge_dicts(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -81,7 +79,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> Dict[str, 
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if precision == "bf16" and e.bf16_weights:
-        # Accumulate micro-batch gradients in fp32 (bf16 accumulation loses bits over many micro-batches).
+    if precision == "bf16" and e.bf16_weights and stage == 1:
+        # ZeRO-1: accumulate micro-batch gradients in fp32 (DeepSpeed's BF16_Optimizer); bf16 accumulation
+        # loses bits over many micro-batches. DeepSpeed supports this only at stage 1.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return merge_dicts(ds, e.deepspeed)

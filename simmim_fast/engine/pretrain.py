@@ -82,10 +82,11 @@ def preflight(args: argparse.Namespace):
         except ImportError:
             raise UsageError("engine.mode 'deepspeed' needs the deepspeed package (pip install deepspeed), or "
                              "run the plain PyTorch engine with --set engine.mode=torch") from None
-        if cfg.train.nan_policy == "skip" and cfg.engine.zero_stage == 0 and precision != "fp16":
+        half_weights = precision == "fp16" or (precision == "bf16" and cfg.engine.bf16_weights)
+        if cfg.train.nan_policy == "skip" and cfg.engine.zero_stage == 0 and not half_weights:
             raise UsageError("config key 'train.nan_policy' = \"skip\" needs engine.zero_stage >= 1 in deepspeed "
-                             "mode (DeepSpeed skips non-finite updates inside its ZeRO optimisers only); set "
-                             "engine.zero_stage=1 or engine.mode=torch")
+                             "mode with fp32 weights (DeepSpeed skips non-finite updates only inside its ZeRO and "
+                             "half-precision optimisers); set engine.zero_stage=1 or engine.mode=torch")
 
     if cfg.data.backend != "synthetic":
         try:
