@@ -10,10 +10,11 @@ import pytest
 
 from engine_subprocess import ROOT, one_thread, requires_deepspeed, run, subprocess_env  # noqa: F401
 
-# A tiny Swin on 64-px crops of the sample photos: 4 steps per epoch, a checkpoint every 3 steps.
+# A tiny Swin on 64-px crops of the sample photos: 4 steps per epoch, a checkpoint every 3 steps; drop path
+# on, so the resumed run must also restore the RNG state to match.
 ARGS = ["--config", "configs/swin_tiny_cpu.json",
         "--set", "model.img_size=64", "--set", "model.embed_dim=16", "--set", "model.depths=[1,1,1,1]",
-        "--set", "model.num_heads=[1,2,2,4]", "--set", "model.window_size=4",
+        "--set", "model.num_heads=[1,2,2,4]", "--set", "model.window_size=4", "--set", "model.drop_path_rate=0.1",
         "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=4", "--set", "train.epochs=3",
         "--set", "train.warmup_epochs=1", "--set", "train.base_lr=0.05", "--set", "train.max_steps=10",
         "--set", "data.num_workers=0", "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep_last=2",

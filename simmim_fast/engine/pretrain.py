@@ -127,7 +127,8 @@ def _reconstruction_callback(cfg, backend, loader, out: Path, is_main: bool):
     if not every:
         return None
     import torch
-    images, mask = next(iter(loader.epoch(0)))
+    with torch.random.fork_rng(devices=[]):  # keep the training RNG stream untouched (see Trainer)
+        images, mask = next(iter(loader.epoch(0)))
     images, mask = images[:8], mask[:8]
     (out / "reconstructions").mkdir(exist_ok=True)
 
