@@ -27,6 +27,9 @@ def test_no_decay_rules_swin():
     assert {"encoder.layers.0.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "head.0.weight",
             "encoder.layers.1.downsample.reduction.weight"} <= decay
     assert all(p.ndim > 1 for n, p in model.named_parameters() if n in decay)
+    # the relative-position-bias rule holds without the model's own list (e.g. a fine-tuning classifier)
+    bare = _by_name(model, param_groups(model, weight_decay=0.05, no_decay_names=()))
+    assert bare["encoder.layers.0.blocks.0.attn.relative_position_bias_table"]["weight_decay"] == 0.0
 
 
 def test_no_decay_rules_vit():
