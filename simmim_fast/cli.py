@@ -15,6 +15,7 @@ from typing import List, Optional
 # name -> (module, one-line help). Add a tool by adding a line here.
 COMMANDS = {
     "config-docs": ("simmim_fast.config_docs", "print the config reference (docs/CONFIG.md) as Markdown"),
+    "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
 }
 
 
