@@ -31,8 +31,8 @@ import numpy as np
 
 from .transforms import load_rgb
 
-__all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "check_image_file", "build_index",
-           "default_cache_dir", "FileResolver"]
+__all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "PathTable", "check_image_file",
+           "build_index", "default_cache_dir", "FileResolver"]
 
 log = logging.getLogger("simmim_fast.data")
 
@@ -109,10 +109,36 @@ def _check_many(args: Tuple[List[str], str]) -> List[FileCheck]:
     return [check_image_file(p, check) for p in paths]
 
 
+class PathTable(Sequence[Path]):
+    """File paths packed in one bytes buffer: ~70 bytes a file where a list of Path objects takes ~450
+    (ImageNet: 90 MB instead of 560 MB per rank), and cheap to hand to DataLoader worker processes."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        encoded = [os.fsencode(os.fspath(p)) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._blob = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        """The i-th path as the file system's bytes."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"path index {i} out of range for {len(self)} files")
+        i %= len(self)
+        return self._blob[self._offsets[i]:self._offsets[i + 1]]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Path(os.fsdecode(self.raw(int(i))))
+
+
 @dataclass
 class ImageIndex:
     """Per-file facts for a dataset, in the order of ``paths`` (the sorted file list)."""
-    paths: List[Path]
+    paths: Sequence[Path]
     width: np.ndarray
     height: np.ndarray
     status: np.ndarray
@@ -240,7 +266,7 @@ def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
                 cache_file = None
     rows = results  # every entry is filled now
     index = ImageIndex(
-        paths=[Path(p) for p in names],
+        paths=PathTable(names),
         width=np.array([r[3] for r in rows], dtype=np.int64),
         height=np.array([r[4] for r in rows], dtype=np.int64),
         status=np.array([r[5] for r in rows], dtype=np.int8),
