@@ -60,8 +60,9 @@ def test_cache_is_reused_and_invalidated(tmp_path):
     b = build_index(files, "ds", cache_dir=cache)
     assert b.checked == 0
     assert np.array_equal(a.width, b.width) and np.array_equal(a.status, b.status)
-    photo("astronaut.png").convert("RGB").resize((50, 40)).save(files[1])  # changed file: checked again
-    os.utime(files[1], ns=(1, 1))
+    os.utime(files[0], ns=(1, 1))  # touched (same size): checked again
+    assert build_index(files, "ds", cache_dir=cache).checked == 1
+    photo("astronaut.png").convert("RGB").resize((50, 40)).save(files[1])  # rewritten: checked again
     c = build_index(files, "ds", cache_dir=cache)
     assert c.checked == 1 and (c.width[1], c.height[1]) == (50, 40)
     assert build_index(files, "ds", check="decode", cache_dir=cache).checked == 3  # a stronger check redoes all

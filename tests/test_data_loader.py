@@ -73,6 +73,15 @@ def test_deterministic_and_resumable(backend, photos, tmp_path):
     again = [x for x, _ in loader.epoch(1)]  # ... leaves the next one unaffected
     assert all(torch.equal(a, b) for a, b in zip(again, (x for x, _ in full)))
     assert list(loader.epoch(1, start_step=6)) == []
+    first = loader.epoch(1)
+    assert torch.equal(next(first)[0], full[0][0])
+    second = [x for x, _ in loader.epoch(1, start_step=3)]  # a second iterator while the first is open
+    assert all(torch.equal(a, b) for a, b in zip(second, (x for x, _ in full[3:])))
+    if backend == "torch":  # independent DataLoaders: the first goes on
+        assert torch.equal(next(first)[0], full[1][0])
+    else:  # one DALI pipeline: the newer iterator took it over
+        with pytest.raises(RuntimeError, match="superseded by a later loader.epoch"):
+            next(first)
     loader.close()
 
 

@@ -88,6 +88,8 @@ class DaliBackend:
         self._pipe = None
         self._probe = None
         self._converted: set = set()  # files read from a PNG copy
+        self._inflight: Deque[StepPlan] = deque()  # plans scheduled on self._pipe, oldest first
+        self._generation = 0  # counts run() calls; only the latest may use the pipeline
         for i in np.flatnonzero(self.index.status == CONVERT):
             self._use_converted(int(i))
 
@@ -160,11 +162,19 @@ class DaliBackend:
 
     # ---------------------------------------------------------------------------------------
     def run(self, epoch: int, steps: Sequence[int]) -> Iterator[Tuple[int, torch.Tensor, np.ndarray]]:
+        # One pipeline serves one epoch iterator at a time: a new one takes over and the old one stops.
+        self._abandon()
+        self._generation += 1
+        me = self._generation
         steps = list(steps)
         inflight: Deque[StepPlan] = deque()
+        self._inflight = inflight
         pos = 0
         try:
             while pos < len(steps) or inflight:
+                if self._generation != me:
+                    raise RuntimeError("this loader.epoch() iterator was superseded by a later loader.epoch() call "
+                                       "on the same loader; iterate one epoch at a time")
                 if self._pipe is None:
                     self._pipe = self._build()
                 while pos < len(steps) and len(inflight) < self.prefetch:
@@ -184,10 +194,12 @@ class DaliBackend:
                 plan = inflight.popleft()
                 yield plan.step, self._to_torch(out), plan.files
         finally:
-            self._drain(len(inflight))
+            if self._generation == me:
+                self._abandon()
 
-    def _drain(self, n: int) -> None:
-        """Collect the outputs of iterations still scheduled (an abandoned epoch), so the next starts clean."""
+    def _abandon(self) -> None:
+        """Collect the outputs of iterations still scheduled (an unfinished epoch), so the next starts clean."""
+        n, self._inflight = len(self._inflight), deque()
         for _ in range(n):
             try:
                 self._outputs(self._pipe)
@@ -210,7 +222,11 @@ class DaliBackend:
         if not culprits:
             raise RuntimeError(f"the {self.name} pipeline failed on steps {[p.step for p in plans]} but no single "
                                f"file reproduces the failure: {_dali_error_summary(error)}") from error
-        for file, why in dict(culprits).items():
+        culprits = [(f, why) for f, why in dict(culprits).items() if not self.planner.resolver.is_bad[f]]
+        if not culprits:  # a failure that replacing files cannot fix: stop rather than retry forever
+            raise RuntimeError(f"the {self.name} pipeline keeps failing on steps {[p.step for p in plans]}, only on "
+                               f"files already replaced: {_dali_error_summary(error)}") from error
+        for file, why in culprits:
             path = self.index.paths[file]
             try:
                 load_rgb(path)
