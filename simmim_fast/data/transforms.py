@@ -27,7 +27,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """
     if im.mode in _SIXTEEN_BIT_MODES:
         a = np.asarray(im, dtype=np.uint32)
-        im = Image.fromarray((a >> 8).clip(0, 255).astype(np.uint8), mode="L")
+        im = Image.fromarray((a >> 8).clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
