@@ -237,3 +237,17 @@ def test_too_many_bad_files_refused(tmp_path):
     make_photo_tree(root / "b", 6, max_side=64)
     small = data_config(root, tmp_path, min_image_side=65, max_skipped_fraction=0.5)
     assert build_pretrain_loader(small).stats()["unusable_files"] == 6
+
+
+def test_dali_reads_a_png_copy_of_a_file_it_fails_on(tmp_path, monkeypatch, caplog):
+    """A file the index passed but DALI cannot decode while PIL can is converted, not skipped."""
+    from simmim_fast.data import index
+    root = tmp_path / "ds"
+    make_photo_tree(root, 3)
+    photo("chelsea.png").convert("RGB").save(root / "class_a" / "anim.gif")
+    monkeypatch.setattr(index, "DALI_FORMATS", index.DALI_FORMATS | {"GIF"})  # the index now misjudges GIFs
+    caplog.set_level(logging.WARNING, logger="simmim_fast.data")
+    (tb, _), (db, dl) = [_epoch(data_config(root, tmp_path, b)) for b in BACKENDS]
+    assert "dali_cpu cannot decode" in caplog.text and "using a PNG copy" in caplog.text
+    assert dl.stats()["epochs"][0]["skipped"] == 0 and dl.stats()["unusable_files"] == 0
+    assert (tb[0][0] - db[0][0]).abs().flatten(1).mean(1).max() < 0.02

@@ -87,7 +87,6 @@ class DaliBackend:
         self._encoded: Dict[int, np.ndarray] = {}  # file -> its PNG copy's path, for files DALI cannot read
         self._pipe = None
         self._probe = None
-        self._converted: set = set()  # files read from a PNG copy
         self._inflight: Deque[StepPlan] = deque()  # plans scheduled on self._pipe, oldest first
         self._generation = 0  # counts run() calls; only the latest may use the pipeline
         for i in np.flatnonzero(self.index.status == CONVERT):
@@ -98,7 +97,6 @@ class DaliBackend:
         path = self.index.paths[file]
         try:
             self._encoded[file] = self._encode(converted_copy(path, self.cache_dir))
-            self._converted.add(file)
             return True
         except Exception as e:  # noqa: BLE001 - unwritable cache or an undecodable file: skip it
             self.planner.report_bad(file, f"cannot be re-encoded for DALI: {type(e).__name__}: {e}")
@@ -115,6 +113,8 @@ class DaliBackend:
 
     def _build(self):
         fn, types = self.fn, self.types
+        # Queue depth 1: run() keeps data.dali_prefetch iterations scheduled itself (the dynamic
+        # executor runs them ahead without blocking), which needs no priming and drains cleanly.
         pipe = self.dali.Pipeline(batch_size=self.planner.batch_size, num_threads=self.num_threads,
                                   device_id=self.device_id, prefetch_queue_depth=1, exec_dynamic=True,
                                   seed=self.planner.seed)
@@ -233,7 +233,7 @@ class DaliBackend:
                 decodable = True
             except Exception:  # noqa: BLE001
                 decodable = False
-            if decodable and file not in self._converted and self._use_converted(file):
+            if decodable and file not in self._encoded and self._use_converted(file):
                 log.warning("data: %s cannot decode %s (%s) but PIL can: using a PNG copy", self.name, path, why)
                 continue
             self.planner.report_bad(file, f"decode failed ({self.name}): {why}")
