@@ -154,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     data = args.data or make_jpegs(Path(tmp.name) / "jpegs", args.images, args.side)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
+    rows, failed = [], 0
     for backend in args.backends:
         if backend == "dali" and device != "cuda":
             print("skip dali: no CUDA device")
@@ -162,15 +162,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         threads = args.threads if backend == "dali" else args.cpu_threads
         cfg = loader_config(data, backend, args.size, args.batch, threads, Path(tmp.name) / "cache", args.set)
         n_images = sum(1 for _ in data.rglob("*.jpg")) if backend == "synthetic" else None
-        r = measure(cfg, device, epochs=args.epochs, max_steps=(n_images or 0) // args.batch or None)
+        try:
+            r = measure(cfg, device, epochs=args.epochs, max_steps=(n_images or 0) // args.batch or None)
+        except Exception as e:  # noqa: BLE001 - report it and still measure the other backends
+            print(f"{backend:>10}  failed: {type(e).__name__}: {e}", flush=True)
+            failed += 1
+            continue
         r.update(backend=backend, threads=threads, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         rows.append(r)
         print(f"{backend:>10}  threads {threads:>3}  {r['img_per_s']:>9.0f} img/s  {r['ms_per_batch']:>7.2f} ms/batch "
               f"({r['images']} images, {r['seconds']:.2f} s)", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "batch": args.batch, "images": args.images,
-                                         "data": str(data), "results": rows}, indent=1))
-    return 0
+        if args.json:  # after every row, so a later failure or timeout keeps what was measured
+            args.json.write_text(json.dumps({"size": args.size, "batch": args.batch, "images": args.images,
+                                             "data": str(data), "results": rows}, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -73,22 +73,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = SimMIM.from_config(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device == "cuda")
     step_model = torch.compile(model) if args.compile else model
-    rows = []
+    rows, failed = [], 0
     for backend in args.backends:
-        loader = build_pretrain_loader(load_config(args.config, overrides=base + [f"data.backend={backend}"]),
-                                       device=device)
         try:
-            r = run(step_model, opt, loader, device, args.warmup, args.steps, amp=device == "cuda")
-        finally:
-            loader.close()
+            loader = build_pretrain_loader(load_config(args.config, overrides=base + [f"data.backend={backend}"]),
+                                           device=device)
+            try:
+                r = run(step_model, opt, loader, device, args.warmup, args.steps, amp=device == "cuda")
+            finally:
+                loader.close()
+        except Exception as e:  # noqa: BLE001 - report it and still measure the other backends
+            print(f"{backend:>10}  failed: {type(e).__name__}: {e}", flush=True)
+            failed += 1
+            continue
         r.update(backend=backend, batch=args.batch, compile=args.compile,
                  device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
         rows.append(r)
         print(f"{backend:>10}  {r['ms_per_step']:8.1f} ms/step  {r['img_per_s']:8.0f} img/s  "
               f"(batch {args.batch}, {args.steps} steps, compile {args.compile}, loss {r['loss']:.3f})", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"config": args.config, "results": rows}, indent=1))
-    return 0
+        if args.json:  # after every row, so a later failure or timeout keeps what was measured
+            args.json.write_text(json.dumps({"config": args.config, "results": rows}, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
