@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from ._triton_helpers import cast
 from .reference import check_substitute_args, mask_token_substitute as _reference
 
 __all__ = ["mask_token_substitute", "MaskTokenSubstituteFunction"]
@@ -33,20 +34,20 @@ BWD_TARGET_PROGRAMS = 1024  # backward: about this many programs, each looping o
 
 
 @triton.jit
-def _load_weight(mask_ptr, offsets, ok, x_dtype: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+def _load_weight(mask_ptr, offsets, ok, x_dtype: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """w = mask.to(x.dtype), widened to COMPUTE_DTYPE. Integer masks go through COMPUTE_DTYPE
     first (exact for any sane mask value): the interpreter turns int -> bf16 into zeros."""
     m = tl.load(mask_ptr + offsets, mask=ok, other=0)
     if not m.dtype.is_floating():
         m = m.to(COMPUTE_DTYPE)
-    return m.to(x_dtype).to(COMPUTE_DTYPE)
+    return cast(m, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
 
 
 @triton.jit
 def _mask_substitute_fwd_kernel(
     x_ptr, mask_ptr, token_ptr, out_ptr,
     n_rows, n_cols, stride_x_row, stride_x_col, stride_mask, stride_token,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -54,15 +55,15 @@ def _mask_substitute_fwd_kernel(
     col_ok = cols < n_cols
     x_dtype = out_ptr.dtype.element_ty
     # w = mask.to(x.dtype); token.to(x.dtype): round to x's dtype first, as the reference does.
-    w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE)
-    token = tl.load(token_ptr + cols * stride_token, mask=col_ok, other=0).to(x_dtype).to(COMPUTE_DTYPE)
-    keep = (1 - w).to(x_dtype).to(COMPUTE_DTYPE)
+    w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE, EMULATE_RNE)
+    token = cast(tl.load(token_ptr + cols * stride_token, mask=col_ok, other=0), x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
+    keep = cast(1 - w, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
     # Rows that are fully masked (w == 1) take the token alone: x is not read there.
     x_ok = (row_ok & (w != 1))[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=x_ok, other=0)
-    kept = (x.to(COMPUTE_DTYPE) * keep[:, None]).to(x_dtype).to(COMPUTE_DTYPE)
-    inserted = (token[None, :] * w[:, None]).to(x_dtype).to(COMPUTE_DTYPE)
-    out = (kept + inserted).to(x_dtype)
+    kept = cast(x.to(COMPUTE_DTYPE) * keep[:, None], x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
+    inserted = cast(token[None, :] * w[:, None], x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
+    out = cast(kept + inserted, x_dtype, EMULATE_RNE)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -70,7 +71,7 @@ def _mask_substitute_fwd_kernel(
 def _mask_substitute_bwd_kernel(
     grad_out_ptr, mask_ptr, grad_x_ptr, token_partial_ptr,
     n_rows, n_cols, stride_g_row, stride_g_col, stride_mask, row_blocks_per_program,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     pid_rows = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -82,11 +83,11 @@ def _mask_substitute_bwd_kernel(
         rows = first_row + step * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & col_ok[None, :]
-        w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE)
-        keep = (1 - w).to(x_dtype).to(COMPUTE_DTYPE)
+        w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE, EMULATE_RNE)
+        keep = cast(1 - w, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
         g = tl.load(grad_out_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=ok, other=0)
         g = g.to(COMPUTE_DTYPE)
-        tl.store(grad_x_ptr + rows[:, None] * n_cols + cols[None, :], (g * keep[:, None]).to(x_dtype), mask=ok)
+        tl.store(grad_x_ptr + rows[:, None] * n_cols + cols[None, :], cast(g * keep[:, None], x_dtype, EMULATE_RNE), mask=ok)
         # Out-of-range rows and columns load g = 0 and add nothing.
         token_grad += tl.sum(g * w[:, None], axis=0)
     tl.store(token_partial_ptr + pid_rows * n_cols + cols, token_grad, mask=col_ok)
@@ -95,7 +96,7 @@ def _mask_substitute_bwd_kernel(
 @triton.jit
 def _sum_rows_kernel(
     partial_ptr, out_ptr, n_partials, n_cols,
-    BLOCK_PARTIALS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    BLOCK_PARTIALS: tl.constexpr, BLOCK_COLS: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     """out[c] = sum_i partial[i, c] in the partials' dtype, in a fixed order."""
     cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -105,7 +106,7 @@ def _sum_rows_kernel(
         rows = start + tl.arange(0, BLOCK_PARTIALS)
         ok = (rows < n_partials)[:, None] & col_ok[None, :]
         acc += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=ok, other=0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + cols, cast(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, EMULATE_RNE), mask=col_ok)
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -140,7 +141,8 @@ def mask_token_substitute_fwd(x: torch.Tensor, mask: torch.Tensor, mask_token: t
     grid = (_utils.cdiv(n_rows, block_rows), _utils.cdiv(n_cols, block_cols))
     _mask_substitute_fwd_kernel[grid](
         x2, mask1, token, out, n_rows, n_cols, x2.stride(0), x2.stride(1), mask1.stride(0), token.stride(0),
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, COMPUTE_DTYPE=_compute_dtype(x.dtype))
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, COMPUTE_DTYPE=_compute_dtype(x.dtype),
+        EMULATE_RNE=_utils.triton_interpreted(_mask_substitute_fwd_kernel))
     return out
 
 
@@ -166,11 +168,13 @@ def mask_token_substitute_bwd(grad_out: torch.Tensor, mask: torch.Tensor, mask_t
     partials = _utils.alloc((row_programs, n_cols), dtype=compute_dtype, device=grad_out.device)
     _mask_substitute_bwd_kernel[(row_programs, col_programs)](
         g2, mask1, grad_x, partials, n_rows, n_cols, g2.stride(0), g2.stride(1), mask1.stride(0), blocks_per_program,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, COMPUTE_DTYPE=_compute_dtype(grad_out.dtype))
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, COMPUTE_DTYPE=_compute_dtype(grad_out.dtype),
+        EMULATE_RNE=_utils.triton_interpreted(_mask_substitute_bwd_kernel))
     sum_cols = min(_utils.next_power_of_2(n_cols), 128)
     sum_rows = max(1, min(_utils.next_power_of_2(row_programs), 4096 // sum_cols))
     _sum_rows_kernel[(_utils.cdiv(n_cols, sum_cols),)](
-        partials, grad_token, row_programs, n_cols, BLOCK_PARTIALS=sum_rows, BLOCK_COLS=sum_cols)
+        partials, grad_token, row_programs, n_cols, BLOCK_PARTIALS=sum_rows, BLOCK_COLS=sum_cols,
+        EMULATE_RNE=_utils.triton_interpreted(_sum_rows_kernel))
     return grad_x, grad_token
 
 
@@ -202,12 +206,14 @@ class MaskTokenSubstituteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(mask, mask_token)
-        return _fwd_op(x, mask, mask_token)
+        fwd = mask_token_substitute_fwd if _utils.plain_eager(x, mask, mask_token) else _fwd_op
+        return fwd(x, mask, mask_token)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         mask, mask_token = ctx.saved_tensors
-        grad_x, grad_token = _bwd_op(grad_out, mask, mask_token)
+        bwd = mask_token_substitute_bwd if _utils.plain_eager(grad_out, mask, mask_token) else _bwd_op
+        grad_x, grad_token = bwd(grad_out, mask, mask_token)
         return (grad_x if ctx.needs_input_grad[0] else None, None,
                 grad_token if ctx.needs_input_grad[2] else None)
 

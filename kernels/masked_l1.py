@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from ._triton_helpers import cast
 from .reference import check_l1_args, masked_l1_loss as _reference
 
 __all__ = ["masked_l1_loss", "MaskedL1LossFunction"]
@@ -103,9 +104,10 @@ def _masked_l1_bwd_kernel(
     stride_pb, stride_pc, stride_ph, stride_pw,
     stride_tb, stride_tc, stride_th, stride_tw,
     stride_gb, stride_gc, stride_gh, stride_gw,
+    stride_gtb, stride_gtc, stride_gth, stride_gtw,
     stride_mb, stride_mh, stride_mw,
     PATCH: tl.constexpr, SHUFFLE: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WRITE_GRAD_TARGET: tl.constexpr,
+    WRITE_GRAD_TARGET: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     block = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -121,6 +123,7 @@ def _masked_l1_bwd_kernel(
     p_offs, p_step = _pixel_offsets(b, y, x, stride_pb, stride_pc, stride_ph, stride_pw, SHUFFLE)
     g_offs, g_step = _pixel_offsets(b, y, x, stride_gb, stride_gc, stride_gh, stride_gw, SHUFFLE)
     t_offs = b * stride_tb + y * stride_th + x * stride_tw
+    gt_offs = b * stride_gtb + y * stride_gth + x * stride_gtw
     for c in range(0, n_channels):
         p = tl.load(pred_ptr + p_offs + c * p_step, mask=read, other=0).to(ACC_DTYPE)
         t = tl.load(target_ptr + t_offs + c * stride_tc, mask=read, other=0).to(ACC_DTYPE)
@@ -128,9 +131,10 @@ def _masked_l1_bwd_kernel(
         # sign(diff) as torch's abs backward has it: 0 at 0, NaN stays NaN (diff * 0).
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, diff * 0)).to(ACC_DTYPE)
         grad = scaled_m * sign
-        tl.store(grad_pred_ptr + g_offs + c * g_step, grad.to(grad_pred_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_pred_ptr + g_offs + c * g_step, cast(grad, grad_pred_ptr.dtype.element_ty, EMULATE_RNE), mask=ok)
         if WRITE_GRAD_TARGET:
-            tl.store(grad_target_ptr + t_offs + c * stride_tc, (-grad).to(grad_target_ptr.dtype.element_ty), mask=ok)
+            tl.store(grad_target_ptr + gt_offs + c * stride_gtc, cast(-grad, grad_target_ptr.dtype.element_ty, EMULATE_RNE),
+                     mask=ok)
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -181,9 +185,10 @@ def masked_l1_bwd(grad_loss: torch.Tensor, denom: torch.Tensor, pred: torch.Tens
     if grid[0] * grid[1]:
         _masked_l1_bwd_kernel[grid](
             grad_loss, denom, pred, target, mask, grad_pred, grad_target if need_grad_target else grad_pred,
-            c, h, w, *pred.stride(), *target.stride(), *grad_pred.stride(), *mask.stride(),
+            c, h, w, *pred.stride(), *target.stride(), *grad_pred.stride(),
+            *(grad_target.stride() if need_grad_target else grad_pred.stride()), *mask.stride(),
             PATCH=patch_size, SHUFFLE=pixel_shuffle, BLOCK=BLOCK_PIXELS, ACC_DTYPE=_tl_dtype(_acc_dtype(pred, target)),
-            WRITE_GRAD_TARGET=need_grad_target)
+            WRITE_GRAD_TARGET=need_grad_target, EMULATE_RNE=_utils.triton_interpreted(_masked_l1_bwd_kernel))
     return grad_pred, grad_target
 
 
@@ -216,7 +221,8 @@ class MaskedL1LossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, target, mask, patch_size: int, eps: float, pixel_shuffle: int):
-        loss, denom = _fwd_op(pred, target, mask, patch_size, eps, pixel_shuffle)
+        fwd = masked_l1_fwd if _utils.plain_eager(pred, target, mask) else _fwd_op
+        loss, denom = fwd(pred, target, mask, patch_size, eps, pixel_shuffle)
         ctx.save_for_backward(pred, target, mask, denom)
         ctx.patch_size, ctx.pixel_shuffle = patch_size, pixel_shuffle
         return loss
@@ -225,8 +231,9 @@ class MaskedL1LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         pred, target, mask, denom = ctx.saved_tensors
         need_target = ctx.needs_input_grad[1]
-        grad_pred, grad_target = _bwd_op(grad_loss, denom, pred, target, mask, ctx.patch_size, ctx.pixel_shuffle,
-                                         need_target)
+        bwd = masked_l1_bwd if _utils.plain_eager(grad_loss, pred, target, mask) else _bwd_op
+        grad_pred, grad_target = bwd(grad_loss, denom, pred, target, mask, ctx.patch_size, ctx.pixel_shuffle,
+                                     need_target)
         return (grad_pred if ctx.needs_input_grad[0] else None, grad_target if need_target else None,
                 None, None, None, None)
 
