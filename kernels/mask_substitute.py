@@ -8,8 +8,9 @@ order set by the shapes alone, so grad_token is bitwise reproducible (no atomics
 
 Rounding follows the reference step by step: every product and sum that the reference computes in
 x's dtype is rounded to x's dtype here too (the arithmetic itself runs in fp32, or fp64 for fp64
-inputs), so on a GPU the results equal the reference's bitwise for bf16/fp16 and binary masks.
-grad_token is the exception: it is accumulated in fp32 and rounded once, to the token's dtype.
+inputs), so out and grad_x equal the reference's bit for bit (checked on the CPU; on a GPU an fp32
+multiply-add may be fused, which can move a float-mask blend by an ulp). grad_token is the
+exception: it is accumulated in fp32 and rounded once, to the token's dtype.
 
 Values the result cannot depend on are not read: where w == 1 the output is the token, so x is
 not loaded there (the reference would turn an inf/NaN there into NaN, this kernel gives the token).
@@ -87,7 +88,8 @@ def _mask_substitute_bwd_kernel(
         keep = cast(1 - w, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
         g = tl.load(grad_out_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=ok, other=0)
         g = g.to(COMPUTE_DTYPE)
-        tl.store(grad_x_ptr + rows[:, None] * n_cols + cols[None, :], cast(g * keep[:, None], x_dtype, EMULATE_RNE), mask=ok)
+        grad_x = cast(g * keep[:, None], x_dtype, EMULATE_RNE)
+        tl.store(grad_x_ptr + rows[:, None] * n_cols + cols[None, :], grad_x, mask=ok)
         # Out-of-range rows and columns load g = 0 and add nothing.
         token_grad += tl.sum(g * w[:, None], axis=0)
     tl.store(token_partial_ptr + pid_rows * n_cols + cols, token_grad, mask=col_ok)

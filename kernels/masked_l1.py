@@ -133,8 +133,8 @@ def _masked_l1_bwd_kernel(
         grad = scaled_m * sign
         tl.store(grad_pred_ptr + g_offs + c * g_step, cast(grad, grad_pred_ptr.dtype.element_ty, EMULATE_RNE), mask=ok)
         if WRITE_GRAD_TARGET:
-            tl.store(grad_target_ptr + gt_offs + c * stride_gtc, cast(-grad, grad_target_ptr.dtype.element_ty, EMULATE_RNE),
-                     mask=ok)
+            grad_target = cast(-grad, grad_target_ptr.dtype.element_ty, EMULATE_RNE)
+            tl.store(grad_target_ptr + gt_offs + c * stride_gtc, grad_target, mask=ok)
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

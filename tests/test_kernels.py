@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from simmim_fast.kernels import _utils, mask_substitute, masked_l1, mask_token_substitute, masked_l1_loss
 from simmim_fast.kernels import reference as ref
 
-INTERPRETED = _utils.TRITON_IMPORT_ERROR is None and _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel)
+INTERPRETED = (_utils.TRITON_IMPORT_ERROR is None
+               and _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel))
 DEVICES = (["cpu"] if INTERPRETED else []) + (["cuda"] if torch.cuda.is_available() and not INTERPRETED else [])
 if not DEVICES:
     pytest.skip("no device can run the Triton kernels (CPU needs TRITON_INTERPRET=1)", allow_module_level=True)
@@ -304,7 +305,8 @@ def test_l1_many_programs_and_final_loop(monkeypatch):
 
 def test_l1_gradient_for_target_and_grad_scale():
     gen = seed("l1 target grad")
-    for dtype, tdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+    f32, bf16 = torch.float32, torch.bfloat16
+    for dtype, tdtype in ((f32, f32), (bf16, f32), (bf16, bf16)):
         pred = randn((2, 3, 12, 8), gen, dtype, DEVICE)
         mask = make_mask("random", (2, 3, 2), gen, DEVICE)
         check_l1(pred, randn(pred.shape, gen, tdtype, DEVICE), mask, 4, target_grad=True,
@@ -324,7 +326,8 @@ def test_l1_ties_give_zero_gradient():
 def test_l1_eps():
     gen = seed("l1 eps")
     pred = randn((2, 3, 8, 8), gen, torch.float32, DEVICE)
-    check_l1(pred, randn(pred.shape, gen, torch.float32, DEVICE), make_mask("random", (2, 2, 2), gen, DEVICE), 4, eps=0.5)
+    mask = make_mask("random", (2, 2, 2), gen, DEVICE)
+    check_l1(pred, randn(pred.shape, gen, torch.float32, DEVICE), mask, 4, eps=0.5)
 
 
 def test_l1_non_contiguous():
@@ -403,8 +406,8 @@ def test_backend_auto_picks_triton_only_on_cuda():
     out = mask_token_substitute(x, mask, torch.zeros(8, device=DEVICE), backend="auto")
     fused = type(out.grad_fn).__name__.startswith("MaskTokenSubstituteFunction")
     assert fused == (DEVICE == "cuda")
-    loss = masked_l1_loss(torch.randn(2, 3, 8, 8, device=DEVICE, requires_grad=True), torch.randn(2, 3, 8, 8, device=DEVICE),
-                          torch.ones(2, 2, 2, device=DEVICE), 4, backend="auto")
+    pred, target = torch.randn(2, 3, 8, 8, device=DEVICE, requires_grad=True), torch.randn(2, 3, 8, 8, device=DEVICE)
+    loss = masked_l1_loss(pred, target, torch.ones(2, 2, 2, device=DEVICE), 4, backend="auto")
     assert type(loss.grad_fn).__name__.startswith("MaskedL1LossFunction") == (DEVICE == "cuda")
 
 
@@ -443,21 +446,25 @@ ERROR_CASES = [
      r"backend must be one of"),
     ("x int", lambda: mask_token_substitute(torch.ones(2, 3, 4, dtype=torch.int32), torch.ones(2, 3), torch.ones(4),
                                             backend="triton"), "x must be a floating-point"),
-    ("mask shape", lambda: mask_token_substitute(torch.ones(2, 3, 4), torch.ones(2, 4), torch.ones(4), backend="triton"),
+    ("mask shape", lambda: mask_token_substitute(torch.ones(2, 3, 4), torch.ones(2, 4), torch.ones(4),
+                                                 backend="triton"),
      r"mask must have shape x.shape\[:-1\] = \(2, 3\), got mask \(2, 4\) for x \(2, 3, 4\)"),
     ("mask batch", lambda: mask_token_substitute(torch.ones(2, 3, 5, 4), torch.ones(3, 3, 5), torch.ones(4),
                                                  backend="triton"), r"got mask \(3, 3, 5\)"),
-    ("token length", lambda: mask_token_substitute(torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(5), backend="triton"),
+    ("token length", lambda: mask_token_substitute(torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(5),
+                                                   backend="triton"),
      r"mask_token must hold C = 4 .* got shape \(5\)"),
     ("token int", lambda: mask_token_substitute(torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(4, dtype=torch.int64),
                                                 backend="triton"), "mask_token must be floating point"),
-    ("x rank", lambda: mask_token_substitute(torch.ones(4), torch.ones(()), torch.ones(4), backend="triton"), "channels-last"),
+    ("x rank", lambda: mask_token_substitute(torch.ones(4), torch.ones(()), torch.ones(4), backend="triton"),
+     "channels-last"),
     ("devices", lambda: mask_token_substitute(torch.ones(2, 3, 4), torch.ones(2, 3, device="meta"), torch.ones(4),
                                               backend="triton"), "different devices"),
     ("l1 target shape", lambda: masked_l1_loss(torch.ones(2, 3, 8, 8), torch.ones(2, 3, 8, 4), torch.ones(2, 2, 2), 4,
                                                backend="triton"), r"target must have pred's shape \(2, 3, 8, 8\)"),
     ("l1 H divisible", lambda: masked_l1_loss(torch.ones(2, 3, 8, 10), torch.ones(2, 3, 8, 10), torch.ones(2, 2, 2), 4,
-                                              backend="triton"), r"H and W \(8, 10\) must be divisible by patch_size 4"),
+                                              backend="triton"),
+     r"H and W \(8, 10\) must be divisible by patch_size 4"),
     ("l1 mask batch", lambda: masked_l1_loss(torch.ones(2, 3, 8, 8), torch.ones(2, 3, 8, 8), torch.ones(3, 2, 2), 4,
                                              backend="triton"), r"= \(2, 2, 2\), got mask \(3, 2, 2\)"),
     ("l1 mask grid", lambda: masked_l1_loss(torch.ones(2, 3, 8, 8), torch.ones(2, 3, 8, 8), torch.ones(2, 4, 4), 4,
@@ -510,5 +517,5 @@ def test_full_size_l1(img, p, dtype):
     mask = make_mask("random", (128, img // p, img // p), gen, DEVICE)
     check_l1(pred, randn(pred.shape, gen, torch.float32, DEVICE), mask, p, loss_rtol=1e-5)
     s = 32 if p == 4 else 16
-    check_l1(randn((128, 3 * s * s, img // s, img // s), gen, dtype, DEVICE), randn(pred.shape, gen, torch.float32, DEVICE),
-             mask, p, pixel_shuffle=s, loss_rtol=1e-5)
+    unshuffled = randn((128, 3 * s * s, img // s, img // s), gen, dtype, DEVICE)
+    check_l1(unshuffled, randn(pred.shape, gen, torch.float32, DEVICE), mask, p, pixel_shuffle=s, loss_rtol=1e-5)

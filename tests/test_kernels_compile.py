@@ -17,11 +17,13 @@ from simmim_fast.kernels import _utils, mask_substitute, mask_token_substitute, 
 
 from helpers import tiny_swin_config
 
-INTERPRETED = _utils.TRITON_IMPORT_ERROR is None and _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel)
+INTERPRETED = (_utils.TRITON_IMPORT_ERROR is None
+               and _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel))
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("the Triton kernels cannot run here", allow_module_level=True)
 DEVICE = "cpu" if INTERPRETED else "cuda"
-SLOW = pytest.mark.skipif(not os.environ.get("SIMMIM_SLOW_TESTS"), reason="minutes on a CPU; SIMMIM_SLOW_TESTS=1 runs it")
+SLOW = pytest.mark.skipif(not os.environ.get("SIMMIM_SLOW_TESTS"),
+                          reason="minutes on a CPU; SIMMIM_SLOW_TESTS=1 runs it")
 
 
 class TinyMIM(nn.Module):
