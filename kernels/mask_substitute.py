@@ -15,8 +15,6 @@ exception: it is accumulated in fp32 and rounded once, to the token's dtype.
 Values the result cannot depend on are not read: where w == 1 the output is the token, so x is
 not loaded there (the reference would turn an inf/NaN there into NaN, this kernel gives the token).
 """
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
@@ -35,11 +33,12 @@ BWD_TARGET_PROGRAMS = 1024  # backward: about this many programs, each looping o
 
 
 @triton.jit
-def _load_weight(mask_ptr, offsets, ok, x_dtype: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+def _load_weight(mask_ptr, offsets, ok, x_dtype: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                 MASK_IS_INT: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """w = mask.to(x.dtype), widened to COMPUTE_DTYPE. Integer masks go through COMPUTE_DTYPE
     first (exact for any sane mask value): the interpreter turns int -> bf16 into zeros."""
     m = tl.load(mask_ptr + offsets, mask=ok, other=0)
-    if not m.dtype.is_floating():
+    if MASK_IS_INT:
         m = m.to(COMPUTE_DTYPE)
     return cast(m, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
 
@@ -48,7 +47,8 @@ def _load_weight(mask_ptr, offsets, ok, x_dtype: tl.constexpr, COMPUTE_DTYPE: tl
 def _mask_substitute_fwd_kernel(
     x_ptr, mask_ptr, token_ptr, out_ptr,
     n_rows, n_cols, stride_x_row, stride_x_col, stride_mask, stride_token,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    MASK_IS_INT: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -56,7 +56,7 @@ def _mask_substitute_fwd_kernel(
     col_ok = cols < n_cols
     x_dtype = out_ptr.dtype.element_ty
     # w = mask.to(x.dtype); token.to(x.dtype): round to x's dtype first, as the reference does.
-    w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE, EMULATE_RNE)
+    w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE, MASK_IS_INT, EMULATE_RNE)
     token = cast(tl.load(token_ptr + cols * stride_token, mask=col_ok, other=0), x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
     keep = cast(1 - w, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
     # Rows that are fully masked (w == 1) take the token alone: x is not read there.
@@ -72,7 +72,8 @@ def _mask_substitute_fwd_kernel(
 def _mask_substitute_bwd_kernel(
     grad_out_ptr, mask_ptr, grad_x_ptr, token_partial_ptr,
     n_rows, n_cols, stride_g_row, stride_g_col, stride_mask, row_blocks_per_program,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    MASK_IS_INT: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     pid_rows = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -84,7 +85,7 @@ def _mask_substitute_bwd_kernel(
         rows = first_row + step * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & col_ok[None, :]
-        w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE, EMULATE_RNE)
+        w = _load_weight(mask_ptr, rows * stride_mask, row_ok, x_dtype, COMPUTE_DTYPE, MASK_IS_INT, EMULATE_RNE)
         keep = cast(1 - w, x_dtype, EMULATE_RNE).to(COMPUTE_DTYPE)
         g = tl.load(grad_out_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=ok, other=0)
         g = g.to(COMPUTE_DTYPE)
@@ -144,7 +145,7 @@ def mask_token_substitute_fwd(x: torch.Tensor, mask: torch.Tensor, mask_token: t
     _mask_substitute_fwd_kernel[grid](
         x2, mask1, token, out, n_rows, n_cols, x2.stride(0), x2.stride(1), mask1.stride(0), token.stride(0),
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, COMPUTE_DTYPE=_compute_dtype(x.dtype),
-        EMULATE_RNE=_utils.triton_interpreted(_mask_substitute_fwd_kernel))
+        MASK_IS_INT=not mask.is_floating_point(), EMULATE_RNE=_utils.triton_interpreted(_mask_substitute_fwd_kernel))
     return out
 
 
@@ -171,7 +172,7 @@ def mask_token_substitute_bwd(grad_out: torch.Tensor, mask: torch.Tensor, mask_t
     _mask_substitute_bwd_kernel[(row_programs, col_programs)](
         g2, mask1, grad_x, partials, n_rows, n_cols, g2.stride(0), g2.stride(1), mask1.stride(0), blocks_per_program,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, COMPUTE_DTYPE=_compute_dtype(grad_out.dtype),
-        EMULATE_RNE=_utils.triton_interpreted(_mask_substitute_bwd_kernel))
+        MASK_IS_INT=not mask.is_floating_point(), EMULATE_RNE=_utils.triton_interpreted(_mask_substitute_bwd_kernel))
     sum_cols = min(_utils.next_power_of_2(n_cols), 128)
     sum_rows = max(1, min(_utils.next_power_of_2(row_programs), 4096 // sum_cols))
     _sum_rows_kernel[(_utils.cdiv(n_cols, sum_cols),)](

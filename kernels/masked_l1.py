@@ -1,7 +1,8 @@
 """Fused SimMIM loss: sum(|pred - target| * m) / (sum(m) + eps) / C, m = token mask upsampled.
 
-The pixel mask is never materialised: each program takes a run of pixels of one image, looks up
-the token mask at (b, y // p, x // p) and loops over the C channels. Forward: per-program fp32
+The pixel mask is never materialised: each program takes a tile of pixels of one image (rows of
+contiguous pixels, so that loads and stores vectorise), looks up the token mask at
+(b, y // p, x // p) and loops over the C channels. Forward: per-program fp32
 partial sums of |pred - target| * m and of m, then one tiny program sums the partials in a fixed
 order (bitwise reproducible, no atomics) and writes the loss and the denominator
 sum(m) + eps. The forward saves only its inputs and that scalar denominator. Backward, one pass:
@@ -17,8 +18,6 @@ an inf/NaN at such a pixel into a NaN loss; here it is ignored (and its gradient
 column x // s: the loss reads it in place, so the shuffle's copy (and its backward) disappear, and
 grad_pred comes back in that same un-shuffled layout.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -30,8 +29,33 @@ from .reference import check_l1_args, masked_l1_loss as _reference
 
 __all__ = ["masked_l1_loss", "MaskedL1LossFunction"]
 
-BLOCK_PIXELS = 1024    # pixels per program (times C channels)
+BLOCK_PIXELS = 1024    # pixels per program (a BLOCK_Y x BLOCK_X tile, times C channels)
+MAX_BLOCK_X = 64       # tile width: runs of contiguous pixels, so loads and stores vectorise
+MAX_GROUP = 16         # pixels per mask lookup (a power of two dividing patch_size)
 FINAL_BLOCK = 1024     # partial sums per loop step of the final reduction
+
+
+@triton.jit
+def _tile(height, width, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, GROUP: tl.constexpr):
+    """This program's pixels as a (BLOCK_Y, BLOCK_X // GROUP, GROUP) tile of one image.
+
+    A group is GROUP consecutive pixels of a row; GROUP divides patch_size, so a group lies inside
+    one mask token. Loading the mask once per group, shaped (BLOCK_Y, BLOCK_X // GROUP, 1), tells
+    the compiler that the load predicate `mask != 0` is constant along a group, so the pixel loads
+    and stores can be vectorised. Returns b, y, x, the first x of each group, in-image mask, and
+    this program's index among all programs (for the partial sums)."""
+    b = tl.program_id(2).to(tl.int64)
+    y = (tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y))[:, None, None]
+    group_x = (tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X // GROUP) * GROUP)[None, :, None]
+    x = group_x + tl.arange(0, GROUP)[None, None, :]
+    ok = (y < height) & (x < width)
+    program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    return b, y, x, group_x, ok, program
+
+
+@triton.jit
+def _sum_all(v):
+    return tl.sum(tl.sum(tl.sum(v, axis=2), axis=1), axis=0)
 
 
 @triton.jit
@@ -44,9 +68,12 @@ def _pixel_offsets(b, y, x, stride_b, stride_c, stride_h, stride_w, SHUFFLE: tl.
 
 
 @triton.jit
-def _load_pixel_mask(mask_ptr, b, y, x, ok, stride_mb, stride_mh, stride_mw, PATCH: tl.constexpr,
+def _load_group_mask(mask_ptr, b, y, group_x, height, width, stride_mb, stride_mh, stride_mw, PATCH: tl.constexpr,
                      ACC_DTYPE: tl.constexpr):
-    m = tl.load(mask_ptr + b * stride_mb + (y // PATCH) * stride_mh + (x // PATCH) * stride_mw, mask=ok, other=0)
+    """The token mask of each group, (BLOCK_Y, BLOCK_X // GROUP, 1); 0 outside the image (a group
+    is inside the image iff its first pixel is, since GROUP divides W)."""
+    ok = (y < height) & (group_x < width)
+    m = tl.load(mask_ptr + b * stride_mb + (y // PATCH) * stride_mh + (group_x // PATCH) * stride_mw, mask=ok, other=0)
     # The reference takes mask.to(float32); the interpreter mishandles int -> bf16, so go via fp32.
     return m.to(tl.float32).to(ACC_DTYPE)
 
@@ -58,26 +85,21 @@ def _masked_l1_fwd_kernel(
     stride_pb, stride_pc, stride_ph, stride_pw,
     stride_tb, stride_tc, stride_th, stride_tw,
     stride_mb, stride_mh, stride_mw,
-    PATCH: tl.constexpr, SHUFFLE: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PATCH: tl.constexpr, SHUFFLE: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    GROUP: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pix = block * BLOCK + tl.arange(0, BLOCK)
-    ok = pix < height * width
-    y = pix // width
-    x = pix % width
-    m = _load_pixel_mask(mask_ptr, b, y, x, ok, stride_mb, stride_mh, stride_mw, PATCH, ACC_DTYPE)
+    b, y, x, group_x, ok, program = _tile(height, width, BLOCK_Y, BLOCK_X, GROUP)
+    m = _load_group_mask(mask_ptr, b, y, group_x, height, width, stride_mb, stride_mh, stride_mw, PATCH, ACC_DTYPE)
     read = ok & (m != 0)
     p_offs, p_step = _pixel_offsets(b, y, x, stride_pb, stride_pc, stride_ph, stride_pw, SHUFFLE)
     t_offs = b * stride_tb + y * stride_th + x * stride_tw
-    err = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    err = tl.zeros((BLOCK_Y, BLOCK_X // GROUP, GROUP), dtype=ACC_DTYPE)
     for c in range(0, n_channels):
         p = tl.load(pred_ptr + p_offs + c * p_step, mask=read, other=0).to(ACC_DTYPE)
         t = tl.load(target_ptr + t_offs + c * stride_tc, mask=read, other=0).to(ACC_DTYPE)
         err += tl.abs(p - t)
-    n_blocks = tl.num_programs(0)
-    tl.store(partial_err_ptr + b * n_blocks + block, tl.sum(err * m, axis=0))
-    tl.store(partial_mask_ptr + b * n_blocks + block, tl.sum(m, axis=0))
+    tl.store(partial_err_ptr + program, _sum_all(err * m))
+    tl.store(partial_mask_ptr + program, _sum_all(m) * GROUP)  # m is per group of GROUP pixels
 
 
 @triton.jit
@@ -106,18 +128,13 @@ def _masked_l1_bwd_kernel(
     stride_gb, stride_gc, stride_gh, stride_gw,
     stride_gtb, stride_gtc, stride_gth, stride_gtw,
     stride_mb, stride_mh, stride_mw,
-    PATCH: tl.constexpr, SHUFFLE: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WRITE_GRAD_TARGET: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    PATCH: tl.constexpr, SHUFFLE: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    GROUP: tl.constexpr, ACC_DTYPE: tl.constexpr, WRITE_GRAD_TARGET: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    pix = block * BLOCK + tl.arange(0, BLOCK)
-    ok = pix < height * width
-    y = pix // width
-    x = pix % width
+    b, y, x, group_x, ok, _ = _tile(height, width, BLOCK_Y, BLOCK_X, GROUP)
     # The reference's autograd order: (grad / C) / denom, then * m, then * sign.
     scale = tl.load(grad_loss_ptr).to(ACC_DTYPE) / n_channels / tl.load(denom_ptr).to(ACC_DTYPE)
-    m = _load_pixel_mask(mask_ptr, b, y, x, ok, stride_mb, stride_mh, stride_mw, PATCH, ACC_DTYPE)
+    m = _load_group_mask(mask_ptr, b, y, group_x, height, width, stride_mb, stride_mh, stride_mw, PATCH, ACC_DTYPE)
     read = ok & (m != 0)
     scaled_m = scale * m
     p_offs, p_step = _pixel_offsets(b, y, x, stride_pb, stride_pc, stride_ph, stride_pw, SHUFFLE)
@@ -131,7 +148,8 @@ def _masked_l1_bwd_kernel(
         # sign(diff) as torch's abs backward has it: 0 at 0, NaN stays NaN (diff * 0).
         sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, diff * 0)).to(ACC_DTYPE)
         grad = scaled_m * sign
-        tl.store(grad_pred_ptr + g_offs + c * g_step, cast(grad, grad_pred_ptr.dtype.element_ty, EMULATE_RNE), mask=ok)
+        grad_pred = cast(grad, grad_pred_ptr.dtype.element_ty, EMULATE_RNE)
+        tl.store(grad_pred_ptr + g_offs + c * g_step, grad_pred, mask=ok)
         if WRITE_GRAD_TARGET:
             grad_target = cast(-grad, grad_target_ptr.dtype.element_ty, EMULATE_RNE)
             tl.store(grad_target_ptr + gt_offs + c * stride_gtc, grad_target, mask=ok)
@@ -145,10 +163,17 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _geometry(target: torch.Tensor):
-    """(B, C, H, W) of the image and the grid: (pixel runs per image, B)."""
+def _geometry(target: torch.Tensor, patch_size: int):
+    """(B, C, H, W) of the image, the tile (BLOCK_Y, BLOCK_X, GROUP) and the grid (x tiles, y tiles, B)."""
     b, c, h, w = target.shape
-    return b, c, h, w, (_utils.cdiv(h * w, BLOCK_PIXELS), b)
+    # The widest power of two <= MAX_BLOCK_X that divides W (no idle lanes), if it is not tiny.
+    block_x = min(MAX_BLOCK_X, BLOCK_PIXELS, w & -w) if w else 1
+    if block_x < 16:
+        block_x = min(MAX_BLOCK_X, BLOCK_PIXELS, _utils.next_power_of_2(w))
+    block_y = max(1, BLOCK_PIXELS // block_x)
+    # The largest power of two dividing patch_size (so also W): a group never straddles two tokens.
+    group = min(patch_size & -patch_size, MAX_GROUP, block_x)
+    return b, c, h, w, (block_y, block_x, group), (_utils.cdiv(w, block_x), _utils.cdiv(h, block_y), b)
 
 
 def _mask_view(mask: torch.Tensor) -> torch.Tensor:
@@ -158,18 +183,19 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
 def masked_l1_fwd(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, eps: float,
                   pixel_shuffle: int):
     """-> (loss, denom), 0-dim tensors in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
-    b, c, h, w, grid = _geometry(target)
+    b, c, h, w, (block_y, block_x, group), grid = _geometry(target, patch_size)
     acc = _acc_dtype(pred, target)
     loss = _utils.alloc((), dtype=acc, device=pred.device)
     denom = _utils.alloc((), dtype=acc, device=pred.device)
-    n_partials = grid[0] * grid[1]
+    n_partials = grid[0] * grid[1] * grid[2]
     partial_err = _utils.alloc((max(1, n_partials),), dtype=acc, device=pred.device)
     partial_mask = _utils.alloc((max(1, n_partials),), dtype=acc, device=pred.device)
     mask = _mask_view(mask)
     if n_partials:
         _masked_l1_fwd_kernel[grid](
             pred, target, mask, partial_err, partial_mask, c, h, w, *pred.stride(), *target.stride(), *mask.stride(),
-            PATCH=patch_size, SHUFFLE=pixel_shuffle, BLOCK=BLOCK_PIXELS, ACC_DTYPE=_tl_dtype(acc))
+            PATCH=patch_size, SHUFFLE=pixel_shuffle, BLOCK_Y=block_y, BLOCK_X=block_x, GROUP=group,
+            ACC_DTYPE=_tl_dtype(acc))
     _masked_l1_finish_kernel[(1,)](partial_err, partial_mask, loss, denom, n_partials, eps, c,
                                    BLOCK=min(FINAL_BLOCK, _utils.next_power_of_2(max(1, n_partials))))
     return loss, denom
@@ -178,16 +204,17 @@ def masked_l1_fwd(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, 
 def masked_l1_bwd(grad_loss: torch.Tensor, denom: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
                   mask: torch.Tensor, patch_size: int, pixel_shuffle: int, need_grad_target: bool):
     """-> (grad_pred like pred, grad_target like target, or an empty tensor if not needed)."""
-    b, c, h, w, grid = _geometry(target)
+    b, c, h, w, (block_y, block_x, group), grid = _geometry(target, patch_size)
     grad_pred = _utils.alloc_like(pred)
     grad_target = _utils.alloc_like(target) if need_grad_target else target.new_empty((0,))
     mask = _mask_view(mask)
-    if grid[0] * grid[1]:
+    if grid[0] * grid[1] * grid[2]:
         _masked_l1_bwd_kernel[grid](
             grad_loss, denom, pred, target, mask, grad_pred, grad_target if need_grad_target else grad_pred,
             c, h, w, *pred.stride(), *target.stride(), *grad_pred.stride(),
             *(grad_target.stride() if need_grad_target else grad_pred.stride()), *mask.stride(),
-            PATCH=patch_size, SHUFFLE=pixel_shuffle, BLOCK=BLOCK_PIXELS, ACC_DTYPE=_tl_dtype(_acc_dtype(pred, target)),
+            PATCH=patch_size, SHUFFLE=pixel_shuffle, BLOCK_Y=block_y, BLOCK_X=block_x, GROUP=group,
+            ACC_DTYPE=_tl_dtype(_acc_dtype(pred, target)),
             WRITE_GRAD_TARGET=need_grad_target, EMULATE_RNE=_utils.triton_interpreted(_masked_l1_bwd_kernel))
     return grad_pred, grad_target
 
