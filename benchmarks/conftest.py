@@ -15,8 +15,9 @@ TARGETS = {("swin_b 48x48x128 bf16", "fused"): 0.13e-3, ("swin 3x192x192 p4 bf16
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py as test modules (pytest's default pattern is test_*.py)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    """Collect bench_*.py as test modules (pytest's default pattern is test_*.py; a file named on
+    the command line is collected anyway)."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
 
 
@@ -25,6 +26,7 @@ def results():
     return RESULTS
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables: gpu_check.sh prints from here on
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return

@@ -386,6 +386,19 @@ def test_l1_gradcheck_fp64():
         assert torch.autograd.gradcheck(fn, (pred, target))
 
 
+def test_empty_batch():
+    x = torch.randn(0, 3, 5, 8, device=DEVICE, requires_grad=True)
+    token = torch.randn(8, device=DEVICE, requires_grad=True)
+    out = mask_token_substitute(x, torch.ones(0, 3, 5, device=DEVICE), token, backend="triton")
+    assert out.shape == x.shape
+    grad_x, grad_token = torch.autograd.grad(out, (x, token), torch.randn_like(out))
+    assert grad_x.shape == x.shape and torch.equal(grad_token, torch.zeros_like(token))
+    pred = torch.randn(0, 3, 8, 8, device=DEVICE, requires_grad=True)
+    loss = masked_l1_loss(pred, torch.randn(0, 3, 8, 8, device=DEVICE), torch.ones(0, 2, 2, device=DEVICE), 4,
+                          backend="triton")
+    assert loss.item() == 0.0 and torch.autograd.grad(loss, pred)[0].shape == pred.shape
+
+
 # --------------------------------------------------------------------------------------------------
 # backend choice and argument errors
 # --------------------------------------------------------------------------------------------------

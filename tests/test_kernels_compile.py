@@ -22,6 +22,8 @@ INTERPRETED = (_utils.TRITON_IMPORT_ERROR is None
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("the Triton kernels cannot run here", allow_module_level=True)
 DEVICE = "cpu" if INTERPRETED else "cuda"
+# On a GPU, eager and compiled runs of the same model need not agree bitwise outside the fused ops.
+GRAD_RTOL, GRAD_ATOL = (1e-5, 1e-8) if DEVICE == "cpu" else (1e-4, 1e-6)
 SLOW = pytest.mark.skipif(not os.environ.get("SIMMIM_SLOW_TESTS"),
                           reason="minutes on a CPU; SIMMIM_SLOW_TESTS=1 runs it")
 
@@ -60,9 +62,9 @@ def _run(module, x, mask, images):
 
 
 def _assert_same(a, b):
-    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6 if DEVICE == "cpu" else 1e-5, atol=0)
     for ga, gb in zip(a[1], b[1]):
-        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ga, gb, rtol=GRAD_RTOL, atol=max(GRAD_ATOL, 1e-7))
 
 
 @pytest.mark.parametrize("fuse_shuffle", [False, True])
@@ -128,7 +130,7 @@ def test_model_compiles_with_fused_ops_aot_eager():
     (loss_e, grads_e), (loss_c, grads_c) = _compiled_model_run("triton", "aot_eager", images, mask)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
     for name in grads_e:
-        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
 @SLOW

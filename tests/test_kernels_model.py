@@ -11,6 +11,9 @@ if _utils.TRITON_IMPORT_ERROR is not None or not (
         _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel) or torch.cuda.is_available()):
     pytest.skip("the Triton kernels cannot run here", allow_module_level=True)
 DEVICE = "cpu" if _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel) else "cuda"
+# On a GPU the surrounding ops (cuDNN convolutions, atomics in some backward kernels) need not be
+# bitwise reproducible from run to run, so the two runs may differ a little outside the fused ops.
+GRAD_RTOL, GRAD_ATOL = (1e-5, 1e-7) if DEVICE == "cpu" else (1e-4, 1e-6)
 
 
 def _batch(cfg, b, seed):
@@ -38,5 +41,5 @@ def test_model_fused_matches_reference(make, b):
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-6, atol=0)
     assert grads_t.keys() == grads_r.keys() and "mask_token" in grads_t
     for name in grads_r:
-        torch.testing.assert_close(grads_t[name], grads_r[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_t[name], grads_r[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
     assert grads_t["mask_token"].abs().sum() > 0
