@@ -19,9 +19,14 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+try:  # Triton internals (checked with triton 3.8); another version may lack them: then say so and stop
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as err:
+    print(json.dumps(dict(skip=f"triton {triton.__version__} lacks an internal this check uses: {err}")))
+    sys.exit(0)
 
 from simmim_fast.kernels import mask_substitute as ms  # noqa: E402
 from simmim_fast.kernels import masked_l1 as ml  # noqa: E402
