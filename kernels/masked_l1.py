@@ -74,7 +74,7 @@ def _load_group_mask(mask_ptr, b, y, group_x, height, width, stride_mb, stride_m
     is inside the image iff its first pixel is, since GROUP divides W)."""
     ok = (y < height) & (group_x < width)
     m = tl.load(mask_ptr + b * stride_mb + (y // PATCH) * stride_mh + (group_x // PATCH) * stride_mw, mask=ok, other=0)
-    # The reference takes mask.to(float32); the interpreter mishandles int -> bf16, so go via fp32.
+    # m = mask.to(float32), as the reference takes it (fp64 masks too)
     return m.to(tl.float32).to(ACC_DTYPE)
 
 
