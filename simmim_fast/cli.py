@@ -16,6 +16,7 @@ from typing import List, Optional
 COMMANDS = {
     "config-docs": ("simmim_fast.config_docs", "print the config reference (docs/CONFIG.md) as Markdown"),
     "pretrain": ("simmim_fast.engine.pretrain", "SimMIM pretraining, as train.py (one process; use train.py with deepspeed)"),
+    "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
 }
 
 
