@@ -29,6 +29,10 @@ if ! python3 -c 'import deepspeed' 2>/dev/null; then
   if [ -x .device_pkgs/ds/unpack.sh ]; then bash .device_pkgs/ds/unpack.sh
   else echo "DeepSpeed is missing and .device_pkgs/ds was not carried: DeepSpeed variants will fail"; fi
 fi
+# simmim_fast.kernels is kernels/ (an editable install maps it; the untracked symlink may not travel)
+if ! python3 -c 'import simmim_fast.kernels' 2>/dev/null; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . || echo "editable install failed"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__, "cuda", torch.version.cuda)'
 python3 -c 'import deepspeed; print("deepspeed", deepspeed.__version__)' 2>/dev/null

@@ -170,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
     from .metrics import MetricsLogger
     from .optim import param_groups
     from .schedule import LRSchedule
-    from .synthetic import SyntheticLoader
     from .trainer import Trainer
 
     dist = init_distributed(cfg.engine.mode, cfg.engine.dist_backend)
@@ -182,10 +181,7 @@ def run(args: argparse.Namespace) -> int:
         groups = param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model)
         backend = build_backend(model, groups, cfg, dist, precision)
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank)  # per-rank stream for drop path
-        if cfg.data.backend == "synthetic":
-            loader = SyntheticLoader(cfg, dist.rank, dist.world_size, dist.device)
-        else:
-            loader = build_pretrain_loader(cfg, dist.rank, dist.world_size, dist.device)
+        loader = build_pretrain_loader(cfg, dist.rank, dist.world_size, dist.device, log_dir=out)
         steps_per_epoch = loader.steps_per_epoch // backend.accumulation
         schedule = LRSchedule.from_config(cfg.train, steps_per_epoch)
         checkpoints = CheckpointManager(out, dist.rank, cfg.checkpoint.keep_last, barrier)
