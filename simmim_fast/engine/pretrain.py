@@ -156,6 +156,20 @@ def _gathered(module, cfg):
     return contextlib.nullcontext()
 
 
+def _setup_logging(rank: int) -> None:
+    """The package's own log lines (e.g. the data loader's file reports): INFO on rank 0, warnings elsewhere."""
+    import logging
+    logger = logging.getLogger("simmim_fast")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+        # the loader's per-epoch "no files skipped" lines would be one per step with short epochs
+        handler.addFilter(lambda r: not r.getMessage().endswith("no files skipped"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, out, resume_path, precision = preflight(args)
 
@@ -173,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     dist = init_distributed(cfg.engine.mode, cfg.engine.dist_backend)
+    _setup_logging(dist.rank)
     threads = set_cpu_threads(cfg.engine.cpu_threads, dist)
     loader = None
     try:
