@@ -64,6 +64,11 @@ def test_bad_resume(capsys, tmp_path):
            "not a complete checkpoint")
     _fails(capsys, ["--config", TINY, "--output-dir", str(tmp_path / "o2"), "--resume", "none"],
            "already holds checkpoints")
+    # a complete checkpoint of another model: refused before anything starts, naming the key
+    from simmim_fast.engine.checkpoint import CheckpointManager
+    CheckpointManager(tmp_path / "o3", 0, 2, lambda: None).save(
+        5, load_config(TINY, overrides=["model.embed_dim=48"]), {"state": {}}, lambda d: None)
+    _fails(capsys, ["--config", TINY, "--output-dir", str(tmp_path / "o3")], "model.embed_dim: checkpoint 48, now 32")
 
 
 def test_deepspeed_config_is_derived():
