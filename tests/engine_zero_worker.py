@@ -53,14 +53,18 @@ def main():
         t0 = time.time()
         data = dict(base)
         data["train"] = {"global_batch_size": args.global_batch, "micro_batch_size": args.global_batch // world,
-                         "base_lr": 1e-3, "warmup_lr": 1e-3, "clip_grad": 0.1, "weight_decay": 0.05}
+                         "base_lr": 1e-3, "warmup_lr": 1e-3, "clip_grad": 0.1, "weight_decay": 0.05,
+                         "layer_decay": 0.9}
         data["engine"] = {"mode": "deepspeed", "zero_stage": stage, "precision": "bf16" if bf16 else "fp32",
                           "bf16_weights": bf16, "compile": False}
         cfg = load_config(data)
         torch.manual_seed(0)
         model = SimMIM.from_config(cfg)
-        groups = param_groups(model, cfg.train.weight_decay)
+        groups = param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model)
+        expected_lrs = sorted((g["group_name"], g["lr_scale"]) for g in groups)
         backend = DeepSpeedBackend(model, groups, cfg, dist, cfg.engine.precision)
+        backend.set_lr(1.0)  # each group of the optimiser that steps must get lr x its layer-decay scale
+        got_lrs = sorted((g["group_name"], g["lr"]) for g in backend.engine.basic_optimizer.param_groups)
         images, masks = fixed_batch(cfg, args.global_batch)
         mb = cfg.train.micro_batch_size
         shard = (images[rank * mb:(rank + 1) * mb], masks[rank * mb:(rank + 1) * mb])
@@ -84,7 +88,8 @@ def main():
             full = {n: p.detach().clone().float() for n, p in module.named_parameters()}
         if rank == 0:
             torch.save(full, out / f"zero{variant}_params.pt")
-        record = {"losses": losses, "grad_norms": norms, "seconds": round(time.time() - t0, 2)}
+        record = {"losses": losses, "grad_norms": norms, "seconds": round(time.time() - t0, 2),
+                  "group_lrs_ok": got_lrs == expected_lrs and len({v for _, v in got_lrs}) > 2}
         result["stages"][variant] = record
         if variant == "0":  # ZeRO-0 (fp32) does not skip non-finite steps (train.py refuses nan_policy 'skip' there)
             barrier()

@@ -33,6 +33,7 @@ def test_losses_finite_and_decreasing(runs, world):
         losses = res["stages"][stage]["losses"]
         assert all(torch.isfinite(torch.tensor(losses))), (stage, losses)
         assert all(b < a for a, b in zip(losses, losses[1:])), (stage, losses)
+        assert res["stages"][stage]["group_lrs_ok"], stage  # layer-wise lr decay reaches the stepping optimiser
 
 
 def test_two_ranks_match_one_rank(runs):
