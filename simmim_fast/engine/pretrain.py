@@ -118,7 +118,21 @@ def preflight(args: argparse.Namespace):
             resume_path = resolve_checkpoint(resume)
         except (FileNotFoundError, CheckpointError) as e:
             raise UsageError(f"--resume {resume}: {e}") from None
+    if resume_path is not None:
+        _check_same_model(cfg, resume_path)
     return cfg, out, resume_path, precision
+
+
+def _check_same_model(cfg, ckpt: Path) -> None:
+    """A checkpoint resumes only the model it holds: the model and mask sections must match."""
+    from ..config import config_to_dict
+    saved = json.loads((ckpt / "config.json").read_text())
+    now = config_to_dict(cfg)
+    diffs = [f"{sec}.{k}: checkpoint {saved.get(sec, {}).get(k)!r}, now {v!r}"
+             for sec in ("model", "mask") for k, v in now[sec].items() if saved.get(sec, {}).get(k) != v]
+    if diffs:
+        raise UsageError(f"cannot resume from {ckpt}: the config differs from the checkpoint's in "
+                         f"{'; '.join(diffs)}. Use the same model config, or --resume none with a new --output-dir")
 
 
 def _reconstruction_callback(cfg, backend, loader, out: Path, is_main: bool):
