@@ -50,5 +50,5 @@ def test_train_step(benchmark, model, batch, compiled, engine):
         img_per_s=round(batch / mean, 1), batch=batch, model=model, compiled=backend.compiled, engine=engine,
         precision=backend.precision, device=torch.cuda.get_device_name() if CUDA else "cpu",
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if CUDA else None)
-    print(f"\n{model} batch {batch} {engine} {'compiled' if compiled else 'eager'}: "
-          f"{batch / mean:.1f} img/s" + (f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if CUDA else ""))
+    peak = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if CUDA else ""
+    print(f"\n{model} batch {batch} {engine} {'compiled' if compiled else 'eager'}: {batch / mean:.1f} img/s{peak}")

@@ -15,7 +15,8 @@ from typing import List, Optional
 # name -> (module, one-line help). Add a tool by adding a line here.
 COMMANDS = {
     "config-docs": ("simmim_fast.config_docs", "print the config reference (docs/CONFIG.md) as Markdown"),
-    "pretrain": ("simmim_fast.engine.pretrain", "SimMIM pretraining, as train.py (one process; use train.py with deepspeed)"),
+    "pretrain": ("simmim_fast.engine.pretrain", "SimMIM pretraining, as train.py (one process; deepspeed "
+                                                "launches train.py)"),
     "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
 }
 

@@ -1,12 +1,12 @@
 """Worker for tests/test_engine_deepspeed.py, run as `python ...` (1 rank) or `deepspeed --num_gpus 2 ...`.
 
 For each ZeRO stage: a few steps on one fixed global batch (each rank takes its shard) with gradient
-clipping active (max norm 0.1), the global mean loss per step, a checkpoint, the full fp32 weights (gathered) for comparison with
-load_model_state, and one step with a NaN loss that DeepSpeed must skip. Writes <out>/result_rank0.json.
+clipping active (max norm 0.1), the global mean loss per step, a checkpoint, the full fp32 weights
+(gathered) for comparison with load_model_state, and one step with a NaN loss that DeepSpeed must skip.
+Writes <out>/result_rank0.json.
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -86,7 +86,8 @@ def _trainer(tmp_path, policy, bad_steps, every=2, max_skipped=100):
     backend = TorchBackend(model, param_groups(model, 0.05), cfg, DistInfo(0, 1, 0, torch.device("cpu")), "fp32",
                            loss_fn)
     steps = 6
-    trainer = Trainer(backend=backend, loader=FixedLoader(cfg, steps), schedule=LRSchedule.from_config(cfg.train, steps),
+    trainer = Trainer(backend=backend, loader=FixedLoader(cfg, steps),
+                      schedule=LRSchedule.from_config(cfg.train, steps),
                       steps_per_epoch=steps, epochs=1, max_steps=None, global_batch_size=4, nan_policy=policy,
                       max_skipped_steps=max_skipped, checkpoints=CheckpointManager(tmp_path, 0, 5, _noop),
                       checkpoint_every=every, save_at_end=True, print_every=3, world_size=1, config=cfg,

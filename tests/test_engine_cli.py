@@ -2,8 +2,6 @@
 the DeepSpeed config derived from ours."""
 import json
 
-import pytest
-
 from engine_subprocess import ROOT
 from simmim_fast import load_config
 from simmim_fast.engine.ds_config import deepspeed_config, resolve_precision, uses_autocast

@@ -21,7 +21,8 @@ def test_no_decay_rules_swin():
     no_decay = {n for n, grp in g.items() if grp["weight_decay"] == 0.0}
     assert "mask_token" in no_decay
     assert "encoder.layers.0.blocks.0.attn.relative_position_bias_table" in no_decay
-    assert "encoder.layers.0.blocks.0.norm1.weight" in no_decay and "encoder.layers.0.blocks.0.attn.qkv.bias" in no_decay
+    assert "encoder.layers.0.blocks.0.norm1.weight" in no_decay
+    assert "encoder.layers.0.blocks.0.attn.qkv.bias" in no_decay
     assert "head.0.bias" in no_decay
     decay = {n for n, grp in g.items() if grp["weight_decay"] == 0.05}
     assert {"encoder.layers.0.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "head.0.weight",

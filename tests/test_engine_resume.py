@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from engine_subprocess import ROOT, one_thread, requires_deepspeed, run, subprocess_env  # noqa: F401
 
 # A tiny Swin on 64-px crops of the sample photos: 4 steps per epoch, 40 steps, a checkpoint every 3; drop path
