@@ -3,7 +3,8 @@
 # registry there) into ONE part small enough to carry with a single device run (< 64 MiB):
 # the same packages as /work/shared/device/pack_device_pkgs.sh minus DALI and its codecs.
 # Run from the project root on a machine with pip access:   bash benchmarks/pack_deepspeed_for_gpu.sh
-# Output: .device_pkgs/ds/ (git-ignored): part00, MANIFEST, SHA256SUMS, unpack.sh.
+# Output: .device_pkgs/ds/ (git-ignored): part00, MANIFEST, SHA256SUMS, unpack.sh. The shared pack script
+# empties .device_pkgs/, so run this one after it when both are needed.
 set -euo pipefail
 out=${1:-.device_pkgs/ds}
 work=$(mktemp -d)
