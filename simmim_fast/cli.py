@@ -15,6 +15,7 @@ from typing import List, Optional
 # name -> (module, one-line help). Add a tool by adding a line here.
 COMMANDS = {
     "config-docs": ("simmim_fast.config_docs", "print the config reference (docs/CONFIG.md) as Markdown"),
+    "export": ("simmim_fast.tools.export", "pretrained encoder -> plain timm weights (.safetensors and .pth)"),
     "visualize": ("simmim_fast.tools.visualize", "reconstruction PNGs for a checkpoint; inpaint a user mask"),
 }
 
