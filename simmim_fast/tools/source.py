@@ -100,6 +100,13 @@ def build_simmim(cfg: Config, state: Optional[Dict[str, torch.Tensor]] = None):
     from ..models import SimMIM
     model = SimMIM.from_config(cfg)
     if state is not None:
+        own = model.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"the weights do not fit the config's model: {len(wrong)} tensors differ in shape "
+                             f"(checkpoint vs config), e.g. {wrong[:3]}; is --config the pretraining config "
+                             f"(image size and window fix the relative position tables)?")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
