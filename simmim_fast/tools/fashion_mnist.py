@@ -77,3 +77,22 @@ def write_image_folder(out: str | Path, split: str = "train", limit: Optional[in
     for i in range(start, stop):
         Image.fromarray(images[i]).save(out / CLASSES[labels[i]] / f"{split}_{i:05d}.png")
     return out
+
+
+def _main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m simmim_fast.tools.fashion_mnist",
+                                description="write Fashion-MNIST images as PNGs in ImageFolder layout (for data.path)")
+    p.add_argument("output", help="folder to write (one sub-folder per class)")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--limit", type=int, help="only this many images (from --start)")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--root", help="folder of the idx files (default /usr/share/datasets/fashion-mnist)")
+    a = p.parse_args(argv)
+    out = write_image_folder(a.output, a.split, a.limit, a.root, a.start)
+    print(f"wrote Fashion-MNIST {a.split} images to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
