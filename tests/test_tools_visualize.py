@@ -92,3 +92,23 @@ def test_cli_with_user_mask(tmp_path):
     hidden[16:32, 32:48] = True
     assert (masked[hidden] == 128).all()
     assert np.array_equal(masked[~hidden], orig[~hidden])
+
+
+def test_cli_combined_grid_with_random_masks(tmp_path):
+    cfg = tiny_vit_config()
+    torch.manual_seed(0)
+    ckpt = tmp_path / "simmim.pt"
+    save_state_file(str(ckpt), SimMIM.from_config(cfg).state_dict(), cfg)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "all.png"
+    assert cli_main(["visualize", str(ckpt), "--images", *map(str, paths), "--combined", str(out), "--scale", "1"]) == 0
+    assert Image.open(out).size == (4 * 64 + 3 * PANEL_GAP, 3 * 64 + 2 * PANEL_GAP)
+    a = np.asarray(Image.open(out).convert("RGB"))
+    rows = [a[r * (64 + PANEL_GAP):r * (64 + PANEL_GAP) + 64, 64 + PANEL_GAP:2 * 64 + PANEL_GAP] for r in range(3)]
+    hidden = [(row == 128).all(axis=2).mean() for row in rows]
+    assert all(abs(h - 10 / 16) < 0.05 for h in hidden)     # ceil(16 * 0.6) = 10 of 16 mask patches
+    assert not np.array_equal(rows[0] == 128, rows[1] == 128)  # a fresh mask per image

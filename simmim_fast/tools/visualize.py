@@ -184,6 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, default=0, help="upscale panels by this integer factor "
                                                              "(default: enough for 128-px panels)")
     parser.add_argument("--output", "-o", default="reconstructions", help="output folder (one PNG per image)")
+    parser.add_argument("--combined", help="write one PNG with a row per image to this path instead")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -207,19 +208,28 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.output)
     gen = MaskGenerator(m.img_size, cfg.mask.mask_patch_size, m.patch_size, cfg.mask.mask_ratio,
                         rng=np.random.default_rng(args.seed))
-    for i, p in enumerate(image_paths):
-        drawings = snapped = None
+    tokens, drawings, snapped = [], [], []
+    for p in image_paths:
         if masks:
-            drawing = load_user_mask(masks[i if len(masks) > 1 else 0], m.img_size, image_size_of=p)
+            drawing = load_user_mask(masks[len(tokens) if len(masks) > 1 else 0], m.img_size, image_size_of=p)
             grid = snap_mask(drawing, snap, args.snap_threshold)
             if not grid.any():
                 print(f"warning: the mask for {p.name} hides no {snap}-px square (threshold {args.snap_threshold})")
-            token = grid.repeat(snap // m.patch_size, 0).repeat(snap // m.patch_size, 1)
-            drawings, snapped = drawing[None], grid[None]
+            tokens.append(grid.repeat(snap // m.patch_size, 0).repeat(snap // m.patch_size, 1))
+            drawings.append(drawing)
+            snapped.append(grid)
         else:
-            token = gen()
-        mask = torch.from_numpy(np.ascontiguousarray(token))[None]
-        path = save_reconstruction_grid(model, images[i:i + 1], mask, out / f"{p.stem}.png", cfg.data.mean,
-                                        cfg.data.std, scale=scale, drawings=drawings, snapped=snapped)
+            tokens.append(gen())
+    mask = torch.from_numpy(np.stack(tokens))
+    extra = dict(drawings=np.stack(drawings), snapped=np.stack(snapped)) if masks else {}
+    if args.combined:
+        path = save_reconstruction_grid(model, images, mask, args.combined, cfg.data.mean, cfg.data.std, scale=scale,
+                                        max_rows=len(image_paths), **extra)
+        print(f"wrote {path}")
+        return 0
+    for i, p in enumerate(image_paths):
+        one = {k: v[i:i + 1] for k, v in extra.items()}
+        path = save_reconstruction_grid(model, images[i:i + 1], mask[i:i + 1], out / f"{p.stem}.png", cfg.data.mean,
+                                        cfg.data.std, scale=scale, **one)
         print(f"wrote {path}")
     return 0
