@@ -72,10 +72,10 @@ def write_image_folder(out: str | Path, split: str = "train", limit: Optional[in
     images, labels = load_fashion_mnist(split, root)
     stop = images.shape[0] if limit is None else min(images.shape[0], start + limit)
     out = Path(out)
-    for c in CLASSES:
-        (out / c).mkdir(parents=True, exist_ok=True)
     for i in range(start, stop):
-        Image.fromarray(images[i]).save(out / CLASSES[labels[i]] / f"{split}_{i:05d}.png")
+        folder = out / CLASSES[labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{split}_{i:05d}.png")
     return out
 
 

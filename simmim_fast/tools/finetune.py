@@ -276,11 +276,12 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
             if state.step_in_epoch != steps_per_epoch and state.step != total:
                 return
             module = backend.module.encoder
-            gathered = _gathered(module, cfg)
-            with gathered:
-                top1, n = evaluate_top1(module, val_set, cfg.finetune.eval_batch_size, dist.device, dist.rank,
-                                        dist.world_size)
-                improved = False
+            # ZeRO-3 fetches and releases parameters around each submodule's forward by itself; only
+            # reading the full weights for best/ needs them gathered (all ranks enter, rank 0 writes).
+            top1, n = evaluate_top1(module, val_set, cfg.finetune.eval_batch_size, dist.device, dist.rank,
+                                    dist.world_size)
+            improved = False
+            with _gathered(module, cfg):
                 if dist.is_main:
                     improved = keeper.update(top1, state.step, state.epoch, module.state_dict)
             results["last_top1"], results["best_top1"] = top1, max(results["best_top1"], top1)
