@@ -112,3 +112,16 @@ def test_cli_combined_grid_with_random_masks(tmp_path):
     hidden = [(row == 128).all(axis=2).mean() for row in rows]
     assert all(abs(h - 10 / 16) < 0.05 for h in hidden)     # ceil(16 * 0.6) = 10 of 16 mask patches
     assert not np.array_equal(rows[0] == 128, rows[1] == 128)  # a fresh mask per image
+
+
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    assert cli_main(["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x")]) == 2
+    assert "error: checkpoint not found" in capsys.readouterr().err
+    cfg = tiny_swin_config()
+    ckpt = tmp_path / "bare.pt"
+    torch.save(SimMIM.from_config(cfg).state_dict(), ckpt)     # no config stored with it
+    assert cli_main(["visualize", str(ckpt)]) == 2
+    assert "pass --config" in capsys.readouterr().err
+    (tmp_path / "cfg.json").write_text('{"model": {"embed_dim": 48}}')
+    assert cli_main(["knn", str(ckpt), "--config", str(tmp_path / "cfg.json")]) == 2
+    assert "do not fit the config's model" in capsys.readouterr().err

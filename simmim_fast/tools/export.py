@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from ..config import Config, config_to_dict
 
+from .source import user_errors
+
 __all__ = ["encoder_state_dict", "timm_target", "build_timm_model", "convert_to_timm", "resize_rel_pos_table",
            "save_timm_weights", "KNOWN_TIMM_MODELS", "add_arguments", "main"]
 
@@ -236,6 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ViT: target pooling (default: the timm model's; avg -> norm is saved as fc_norm)")
 
 
+@user_errors
 def main(args: argparse.Namespace) -> int:
     from .source import load_source
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)

@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from ..config import Config
 
+from .source import user_errors
+
 __all__ = ["FinetuneModel", "build_classifier", "FinetuneLoader", "build_mixup", "evaluate_top1", "BestKeeper",
            "finetune_datasets", "add_arguments", "main", "run"]
 
@@ -320,6 +322,7 @@ def _gathered(module: nn.Module, cfg: Config):
     return contextlib.nullcontext()
 
 
+@user_errors
 def main(args: argparse.Namespace) -> int:
     run(args)
     return 0

@@ -11,6 +11,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from .source import user_errors
+
 __all__ = ["knn_predict", "knn_top1", "add_arguments", "main"]
 
 
@@ -49,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
 
 
+@user_errors
 def main(args: argparse.Namespace) -> int:
     from .features import features_from_args
     sets, num_classes = features_from_args(args)

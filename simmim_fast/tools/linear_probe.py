@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .source import user_errors
+
 __all__ = ["LinearProbe", "train_linear_probe", "add_arguments", "main"]
 
 
@@ -74,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
 
 
+@user_errors
 def main(args: argparse.Namespace) -> int:
     from .features import features_from_args
     sets, num_classes = features_from_args(args)

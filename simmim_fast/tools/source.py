@@ -13,7 +13,9 @@ A *source* is either
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -21,7 +23,7 @@ import torch
 
 from ..config import Config, config_to_dict, load_config
 
-__all__ = ["add_source_arguments", "load_source", "build_simmim", "save_state_file", "STATE_SUFFIXES"]
+__all__ = ["add_source_arguments", "load_source", "build_simmim", "save_state_file", "user_errors", "STATE_SUFFIXES"]
 
 STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -128,3 +130,16 @@ def save_state_file(path: str, state: Dict[str, torch.Tensor], cfg: Optional[Con
                   metadata={"config": cfg_json} if cfg_json else None)
     else:
         torch.save({"model": state, **({"config": json.loads(cfg_json)} if cfg_json else {})}, p)
+
+
+def user_errors(main):
+    """Wrap a subcommand's ``main``: a bad input (ValueError, including ConfigError, or a missing file)
+    prints ``error: <message>`` and returns 2 instead of a traceback."""
+    @functools.wraps(main)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return main(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    return wrapped

@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 from ..masking import MaskGenerator
 from .images import load_image, load_user_mask, to_uint8_rgb
 
+from .source import user_errors
+
 __all__ = ["reconstruction_panels", "render_grid", "save_reconstruction_grid", "snap_mask", "denormalize_targets",
            "PANEL_GAP", "add_arguments", "main"]
 
@@ -187,6 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--combined", help="write one PNG with a row per image to this path instead")
 
 
+@user_errors
 def main(args: argparse.Namespace) -> int:
     from ..data.samples import sample_photo_paths
     from .source import build_simmim, load_source
