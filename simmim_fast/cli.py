@@ -20,6 +20,7 @@ COMMANDS = {
     "knn": ("simmim_fast.tools.knn", "weighted kNN top-1 on frozen encoder features"),
     "linear-probe": ("simmim_fast.tools.linear_probe", "linear classifier top-1 on frozen encoder features"),
     "visualize": ("simmim_fast.tools.visualize", "reconstruction PNGs for a checkpoint; inpaint a user mask"),
+    "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
 }
 
 

@@ -121,10 +121,40 @@ class DataConfig:
     hflip_prob: float = _f(0.5, "Horizontal flip probability.")
     mean: Tuple[float, float, float] = _f((0.485, 0.456, 0.406), "Normalisation mean (RGB, 0-1 scale).")
     std: Tuple[float, float, float] = _f((0.229, 0.224, 0.225), "Normalisation std (RGB, 0-1 scale).")
+    output_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "Dtype of the images the loader yields (float16 comes straight out of DALI; bfloat16 is "
+                   "cast on the device). Masks are always uint8.")
+    check: Literal["header", "decode"] = _f(
+        "header", "How files are checked before training (results cached, see data.cache_dir): 'header' reads "
+                  "each header and checks that JPEGs/PNGs are not cut off; 'decode' decodes every file once.")
+    cache_dir: Optional[str] = _f(None, "Folder for the file index (image sizes, unusable files) and the PNG copies "
+                                        "of images the DALI decoders cannot read (e.g. GIF). null = "
+                                        "$XDG_CACHE_HOME/simmim-fast or ~/.cache/simmim-fast.")
+    min_image_side: int = _f(0, "Files whose shorter side is below this many pixels are skipped like undecodable "
+                                "ones; 0 keeps every decodable image (small ones are upsampled by the crop).")
+    max_skipped_fraction: float = _f(0.01, "Refuse to start (error naming the files) when more than this fraction "
+                                           "of the dataset cannot be used; 1.0 never refuses, 0.0 refuses any "
+                                           "unusable file. Files found undecodable during training never stop it.")
+    dali_prefetch: int = _f(2, "Batches the DALI backends keep in flight ahead of the consumer.")
+    dali_hw_decoder_load: float = _f(0.65, "Backend 'dali': share of JPEG work given to the GPU's hardware JPEG "
+                                           "decoder (A100/H100), in [0, 1].")
+    synthetic_samples: int = _f(1281167, "Backend 'synthetic': samples per epoch (default: ImageNet-1K train size).")
 
     def validate(self) -> None:
         if self.num_workers < 0:
             _err("data.num_workers", self.num_workers, "must be >= 0")
+        if self.min_image_side < 0:
+            _err("data.min_image_side", self.min_image_side, "must be >= 0")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            _err("data.max_skipped_fraction", self.max_skipped_fraction, "must be in [0, 1]")
+        if self.dali_prefetch < 1:
+            _err("data.dali_prefetch", self.dali_prefetch, "must be >= 1")
+        if not 0 <= self.dali_hw_decoder_load <= 1:
+            _err("data.dali_hw_decoder_load", self.dali_hw_decoder_load, "must be in [0, 1]")
+        if self.synthetic_samples < 1:
+            _err("data.synthetic_samples", self.synthetic_samples, "must be >= 1")
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            _err("data.cache_dir", self.cache_dir, "must be a folder path or null")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             _err("data.crop_scale", list(self.crop_scale), "must be [lo, hi] with 0 < lo <= hi <= 1")

@@ -1,39 +1,86 @@
-"""The 'torch' backend: PIL decode + torchvision transforms in DataLoader worker processes."""
+"""The 'torch' backend: PIL decode + torchvision ops in DataLoader worker processes.
+
+Each item is (epoch, slot, file): the worker decodes ``file`` (already the stand-in if the index
+knew the slot's file was bad), applies the slot's view and returns which file it used. A file
+that fails to decode here although the index passed it is replaced in the worker by walking
+the same stand-in order the planner uses, so the batch is the one every backend produces.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
+import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .transforms import PretrainTransform, sample_rng
+from .index import FileResolver, ImageIndex
+from .plan import Planner
+from .transforms import apply_view, load_rgb
+from .views import sample_views
 
-__all__ = ["PretrainImageDataset", "make_torch_loader"]
+__all__ = ["PretrainImageDataset", "TorchBackend"]
 
 
 class PretrainImageDataset(Dataset):
-    """Items are (epoch, index) pairs so the augmentation is seeded per sample and epoch."""
-
-    def __init__(self, paths: Sequence[Path], transform: PretrainTransform, seed: int):
-        self.paths = list(paths)
-        self.transform = transform
-        self.seed = seed
+    def __init__(self, index: ImageIndex, resolver: FileResolver, seed: int, size: int, scale, ratio,
+                 hflip_prob: float, mean, std):
+        self.paths = index.paths
+        self.resolver = resolver
+        self.seed, self.size = seed, size
+        self.scale, self.ratio, self.hflip_prob = tuple(scale), tuple(ratio), hflip_prob
+        self.mean, self.std = list(mean), list(std)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item):
-        epoch, index = item
-        path = self.paths[index]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        return self.transform(img, sample_rng(self.seed, epoch, index))
+    def __getitem__(self, item: Tuple[int, int, int]):
+        epoch, slot, file = item
+        failures: List[Tuple[int, str]] = []
+        while True:
+            try:
+                img = load_rgb(self.paths[file])
+                break
+            except Exception as e:  # noqa: BLE001 - any decode failure: skip the file, count it
+                reason = f"decode failed (PIL): {type(e).__name__}: {e}"
+                failures.append((file, reason))
+                self.resolver.mark_bad(file, reason)
+                file = self.resolver.stand_in(file)
+        view = sample_views(self.seed, epoch, [slot], [img.width], [img.height], self.scale, self.ratio,
+                            self.hflip_prob)[0]
+        return apply_view(img, view, self.size, self.mean, self.std), file, failures
 
 
-def make_torch_loader(dataset: PretrainImageDataset, items: List[tuple], batch_size: int, num_workers: int,
-                      pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=items, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, persistent_workers=False,
-                      prefetch_factor=4 if num_workers > 0 else None)
+def _collate(items):
+    images = torch.stack([it[0] for it in items])
+    files = np.array([it[1] for it in items], dtype=np.int64)
+    failures = [f for it in items for f in it[2]]
+    return images, files, failures
+
+
+class TorchBackend:
+    def __init__(self, planner: Planner, size: int, num_workers: int, pin_memory: bool):
+        d = planner.data
+        self.planner = planner
+        self.dataset = PretrainImageDataset(planner.index, planner.resolver, planner.seed, size, d.crop_scale,
+                                            d.crop_ratio, d.hflip_prob, d.mean, d.std)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def run(self, epoch: int, steps: Sequence[int]) -> Iterator[Tuple[int, torch.Tensor, np.ndarray]]:
+        steps = list(steps)
+        if not steps:
+            return
+        items = []
+        for step in steps:  # views are drawn in the workers, from the decoded size
+            slots = self.planner.slots(epoch, step)
+            items += [(epoch, int(s), int(f)) for s, f in zip(slots, self.planner.resolver.resolve(slots))]
+        loader = DataLoader(self.dataset, batch_size=self.planner.batch_size, sampler=items,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                            collate_fn=_collate, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers > 0 else None)
+        for step, (images, files, failures) in zip(steps, loader):
+            for file, reason in failures:  # workers found these: plan later steps without them
+                self.planner.report_bad(file, reason)
+            yield step, images, files
+
+    def close(self) -> None:
+        pass

@@ -1,12 +1,12 @@
-"""SimMIM pretraining augmentation with explicit, per-sample random state.
+"""PIL side of the pretraining augmentation: decode to RGB, apply a view, normalise.
 
-Each sample's crop and flip are drawn from a generator seeded by (seed, epoch, index), so the
-same image at the same epoch gets the same view whatever the worker, rank or resume point.
+The view (crop box and flip) is chosen in views.py; this module only applies it, the way
+torchvision's RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize would.
 """
 from __future__ import annotations
 
-import math
-from typing import Tuple
+from pathlib import Path
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,53 +14,36 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-__all__ = ["sample_crop", "sample_rng", "PretrainTransform"]
+__all__ = ["load_rgb", "apply_view"]
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, index])
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: greyscale, palette, CMYK and alpha (dropped) images included.
 
-
-def sample_crop(width: int, height: int, scale: Tuple[float, float], ratio: Tuple[float, float],
-                rng: np.random.Generator) -> Tuple[int, int, int, int]:
-    """RandomResizedCrop box (top, left, h, w), torchvision's algorithm with an explicit generator.
-
-    Ten tries of an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``;
-    if none fits, a centre crop clamped to the ratio range.
+    PIL's own convert("RGB") clips 16-bit greyscale at 255 instead of scaling it, so those are
+    scaled to 8 bits first (as the DALI decoders do).
     """
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    if im.mode in _SIXTEEN_BIT_MODES:
+        a = np.asarray(im, dtype=np.uint32)
+        im = Image.fromarray((a >> 8).clip(0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
-class PretrainTransform:
-    """PIL RGB image -> normalised (3, size, size) float tensor: RandomResizedCrop, flip, normalise."""
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode a whole image file as 8-bit RGB; raises (OSError, ValueError, ...) if it cannot be decoded."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
 
-    def __init__(self, size: int, scale, ratio, hflip_prob: float, mean, std):
-        self.size = size
-        self.scale, self.ratio, self.hflip_prob = tuple(scale), tuple(ratio), hflip_prob
-        self.mean, self.std = list(mean), list(std)
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        top, left, h, w = sample_crop(img.width, img.height, self.scale, self.ratio, rng)
-        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
-                              interpolation=InterpolationMode.BILINEAR, antialias=True)
-        if rng.uniform() < self.hflip_prob:
-            img = TF.hflip(img)
-        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+def apply_view(img: Image.Image, view: Tuple[int, int, int, int, bool], size: int,
+               mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Crop (top, left, height, width), resize to size x size (bilinear, antialiased), flip, normalise."""
+    top, left, h, w, flip = view
+    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
+                          antialias=True)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), list(mean), list(std))
