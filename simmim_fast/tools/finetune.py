@@ -131,7 +131,7 @@ class FinetuneLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
 
-        from ..data.loader import epoch_order
+        from ..data import epoch_order
         order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size, self.batch_size)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order[start_step * self.batch_size:],
                             num_workers=self.num_workers, drop_last=True, pin_memory=self.device.type == "cuda")
