@@ -1,6 +1,6 @@
 """The learning check: SimMIM pretraining through the engine must beat random weights on held-out data.
 
-A 2-stage Swin at 32 px is pretrained for 312 optimiser steps (2 epochs, batch 64) on the first
+A 2-stage Swin at 32 px is pretrained for 468 optimiser steps (3 epochs, batch 64) on the first
 10,000 Fashion-MNIST training images (configs/fmnist_swin_cpu.json, the engine's plain-torch mode); then kNN and a linear
 probe on frozen features (2,000 labelled training images, 1,000 held-out test images) compare it
 with the very same encoder at its initial random weights (same seed: the weights pretraining
