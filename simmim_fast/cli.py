@@ -17,6 +17,11 @@ COMMANDS = {
     "config-docs": ("simmim_fast.config_docs", "print the config reference (docs/CONFIG.md) as Markdown"),
     "pretrain": ("simmim_fast.engine.pretrain", "SimMIM pretraining, as train.py (one process; deepspeed "
                                                 "launches train.py)"),
+    "export": ("simmim_fast.tools.export", "pretrained encoder -> plain timm weights (.safetensors and .pth)"),
+    "finetune": ("simmim_fast.tools.finetune", "fine-tune a pretrained encoder (layer decay, mixup) via the engine"),
+    "knn": ("simmim_fast.tools.knn", "weighted kNN top-1 on frozen encoder features"),
+    "linear-probe": ("simmim_fast.tools.linear_probe", "linear classifier top-1 on frozen encoder features"),
+    "visualize": ("simmim_fast.tools.visualize", "reconstruction PNGs for a checkpoint; inpaint a user mask"),
     "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
 }
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "Config", "ModelConfig", "MaskConfig", "DataConfig", "TrainConfig", "EngineConfig", "CheckpointConfig",
-    "LoggingConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides", "schema_markdown",
+    "LoggingConfig", "FinetuneConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides", "schema_markdown",
 ]
 
 
@@ -316,6 +316,38 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    data: Optional[str] = _f(None, "Labelled data for `simmim-fast finetune`: 'fashion-mnist' (or "
+                                   "'fashion-mnist:/idx/folder') or an ImageFolder root with train/ and val/ "
+                                   "class folders. Unused by pretraining.")
+    num_classes: Optional[int] = _f(None, "Classifier outputs; null = the number of classes in the data.")
+    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy (also applied to mixup targets).")
+    mixup: float = _f(0.8, "Mixup alpha (timm.data.Mixup); 0 disables.")
+    cutmix: float = _f(1.0, "CutMix alpha (timm.data.Mixup); 0 disables.")
+    mixup_prob: float = _f(1.0, "Probability of applying mixup or cutmix to a batch.")
+    mixup_switch_prob: float = _f(0.5, "Probability of cutmix instead of mixup when both are on.")
+    auto_augment: Optional[str] = _f("rand-m9-mstd0.5-inc1", "timm auto-augment policy for ImageFolder training "
+                                                              "images (RandAugment m9); null disables.")
+    reprob: float = _f(0.25, "Random erasing probability for ImageFolder training images.")
+    train_limit: Optional[int] = _f(None, "Use a seeded random subset of this many training images (quick runs).")
+    val_limit: Optional[int] = _f(None, "Use a seeded random subset of this many validation images (quick runs).")
+    eval_batch_size: int = _f(128, "Images per rank per evaluation forward.")
+
+    def validate(self) -> None:
+        for k in ("label_smoothing", "mixup_prob", "mixup_switch_prob", "reprob"):
+            if not 0 <= getattr(self, k) <= 1:
+                _err(f"finetune.{k}", getattr(self, k), "must be in [0, 1]")
+        for k in ("mixup", "cutmix"):
+            if getattr(self, k) < 0:
+                _err(f"finetune.{k}", getattr(self, k), "must be >= 0 (0 disables)")
+        for k in ("num_classes", "train_limit", "val_limit"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                _err(f"finetune.{k}", v, "must be a positive int or null")
+        _positive(self, "eval_batch_size")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Encoder, head and loss."})
     mask: MaskConfig = field(default_factory=MaskConfig, metadata={"help": "Random masking."})
@@ -324,6 +356,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "Training engine."})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Checkpoints."})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging."})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "Fine-tuning "
+                                     "(`simmim-fast finetune`): data, classes, regularisation."})
     name: str = _f("simmim", "Run name (used in log lines and as the default output folder name).")
 
     def validate(self) -> None:

@@ -1,0 +1,80 @@
+"""Labelled data for evaluation: Fashion-MNIST or an ImageFolder with train/ and val/ splits.
+
+Every image becomes the encoder's input: (3, S, S), normalised with the config's mean/std.
+Fashion-MNIST's 28 x 28 grey images are upsampled (bilinear) to S and repeated on 3 channels;
+ImageFolder images get the centre view (shorter side to S, centre crop), no augmentation.
+
+    data = "fashion-mnist"            # or "fashion-mnist:/path/to/idx/files", or an ImageFolder root
+    train, val = eval_datasets(data, img_size, mean, std, train_limit=2000, val_limit=1000)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+__all__ = ["ArrayImageDataset", "eval_datasets", "FASHION_MNIST"]
+
+FASHION_MNIST = "fashion-mnist"
+
+
+class ArrayImageDataset(Dataset):
+    """(N, H, W) uint8 grey images + labels -> ((3, S, S) normalised float, label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.images, self.labels, self.size = images, labels, size
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+        self.classes = sorted(set(int(x) for x in labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = torch.tensor(self.images[i], dtype=torch.float32).div_(255.0)[None, None]
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x[0].expand(3, -1, -1)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def _subset(ds: Dataset, limit: Optional[int], seed: int) -> Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
+    return Subset(ds, idx.tolist())
+
+
+def eval_datasets(data: str, img_size: int, mean: Sequence[float], std: Sequence[float],
+                  train_limit: Optional[int] = None, val_limit: Optional[int] = None,
+                  seed: int = 0) -> Tuple[Dataset, Dataset]:
+    """(train, val) datasets; limits take a seeded random subset (same subset for the same seed)."""
+    if data == FASHION_MNIST or data.startswith(FASHION_MNIST + ":"):
+        from .fashion_mnist import load_fashion_mnist
+        root = data.split(":", 1)[1] if ":" in data else None
+        train = ArrayImageDataset(*load_fashion_mnist("train", root), img_size, mean, std)
+        val = ArrayImageDataset(*load_fashion_mnist("test", root), img_size, mean, std)
+    else:
+        from torchvision import datasets
+        from torchvision.transforms import functional as TF
+
+        from .images import center_view
+        root = Path(data).expanduser()
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise FileNotFoundError(f"--data {root}: expected an ImageFolder root with train/ and val/ folders "
+                                    f"(one sub-folder per class in each), or 'fashion-mnist'")
+
+        def transform(img):
+            return TF.normalize(TF.to_tensor(center_view(img.convert("RGB"), img_size)), list(mean), list(std))
+        train = datasets.ImageFolder(str(root / "train"), transform=transform)
+        val = datasets.ImageFolder(str(root / "val"), transform=transform)
+        if train.classes != val.classes:
+            raise ValueError(f"--data {root}: train/ and val/ have different class folders "
+                             f"({len(train.classes)} vs {len(val.classes)})")
+    return _subset(train, train_limit, seed), _subset(val, val_limit, seed + 1)

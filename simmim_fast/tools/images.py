@@ -1,0 +1,69 @@
+"""Deterministic image preprocessing for evaluation tools, and back to displayable RGB.
+
+Evaluation views are the centre square of an image: shorter side resized to ``size`` (bicubic,
+antialiased), centre-cropped to ``size`` x ``size``, scaled to [0, 1], normalised with the
+config's mean/std. A user mask goes through the same resize and crop (nearest) so that it stays
+aligned with the image it was drawn on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+__all__ = ["center_view", "load_image", "load_user_mask", "to_uint8_rgb"]
+
+
+def center_view(img: Image.Image, size: int, interpolation=InterpolationMode.BICUBIC) -> Image.Image:
+    img = TF.resize(img, size, interpolation=interpolation)  # PIL input: always antialiased
+    return TF.center_crop(img, [size, size])
+
+
+def load_image(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, size, size) normalised float tensor of the centre view of an image file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    return TF.normalize(TF.to_tensor(center_view(img, size)), list(mean), list(std))
+
+
+def load_user_mask(path: str | Path, size: int, image_size_of: str | Path | None = None) -> np.ndarray:
+    """(size, size) float array in [0, 1] (1 = hide) from a mask image (white = hide).
+
+    The mask is first stretched to the image it was drawn on (``image_size_of``) if the sizes
+    differ, then given that image's centre view, so any mask drawn over the original file lines up.
+    Transparent pixels of an RGBA mask count as not hidden.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask image not found: {path}")
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA", "P"):
+            rgba = im.convert("RGBA")
+            grey = Image.fromarray((np.asarray(rgba.convert("L"), dtype=np.float32)
+                                    * (np.asarray(rgba)[..., 3] / 255.0)).astype(np.uint8))
+        else:
+            grey = im.convert("L")
+    if image_size_of is not None:
+        with Image.open(image_size_of) as ref:
+            if ref.size != grey.size:
+                grey = grey.resize(ref.size, Image.NEAREST)
+    view = center_view(grey, size, interpolation=InterpolationMode.NEAREST)
+    return np.asarray(view, dtype=np.float32) / 255.0
+
+
+def to_uint8_rgb(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(B, 3, H, W) normalised tensor -> (B, H, W, 3) uint8 RGB, de-normalised and clipped."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"to_uint8_rgb: expected (B, 3, H, W), got {tuple(x.shape)}")
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
+    rgb = (x.detach().float().cpu() * s + m).clamp(0, 1)
+    return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
