@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from simmim_fast import BatchMaskGenerator, SimMIM, load_config
 from simmim_fast.kernels import reference

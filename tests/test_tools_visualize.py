@@ -6,9 +6,8 @@ from PIL import Image
 
 from simmim_fast import BatchMaskGenerator, SimMIM
 from simmim_fast.cli import main as cli_main
-from simmim_fast.tools.images import to_uint8_rgb
+from simmim_fast.visualization import PANEL_GAP, save_reconstruction_grid, snap_mask, to_uint8_rgb
 from simmim_fast.tools.source import save_state_file
-from simmim_fast.tools.visualize import PANEL_GAP, save_reconstruction_grid, snap_mask
 
 from helpers import tiny_swin_config, tiny_vit_config
 

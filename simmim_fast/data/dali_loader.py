@@ -25,7 +25,7 @@ from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .index import CONVERT, ImageIndex
+from .index import CONVERT
 from .plan import Planner, StepPlan
 from .transforms import load_rgb
 

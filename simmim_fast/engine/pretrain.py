@@ -136,7 +136,7 @@ def _check_same_model(cfg, ckpt: Path) -> None:
 
 
 def _reconstruction_callback(cfg, backend, loader, out: Path, is_main: bool):
-    """logging.visualize_every: a PNG of input / masked input / reconstruction for a fixed batch."""
+    """logging.visualize_every: a reconstruction grid PNG (simmim_fast.visualization) of a fixed batch."""
     every = cfg.logging.visualize_every
     if not every:
         return None
@@ -149,16 +149,11 @@ def _reconstruction_callback(cfg, backend, loader, out: Path, is_main: bool):
     def callback(state) -> None:
         if state.step % every:
             return
-        from .visualize import save_reconstruction_grid
-        module = backend.module
-        gather = _gathered(module, cfg)
-        was_training = module.training
-        module.eval()
-        with torch.no_grad(), gather:
-            rec = module.reconstruct(images, mask).float()
-        module.train(was_training)
+        from ..visualization import reconstruction_grid, save_png_atomically
+        with _gathered(backend.module, cfg):  # every rank takes part in a ZeRO-3 gather
+            grid = reconstruction_grid(backend.module, images, mask, cfg.data.mean, cfg.data.std)
         if is_main:
-            save_reconstruction_grid(images, mask, rec, cfg, out / "reconstructions" / f"step_{state.step:08d}.png")
+            save_png_atomically(grid, out / "reconstructions" / f"step_{state.step:08d}.png")
     return callback
 
 

@@ -1,3 +1,3 @@
-from .simmim import SimMIM, normalize_targets
+from .simmim import SimMIM, denormalize_targets, local_stats, normalize_targets
 
-__all__ = ["SimMIM", "normalize_targets"]
+__all__ = ["SimMIM", "normalize_targets", "denormalize_targets", "local_stats"]

@@ -19,22 +19,33 @@ from ..config import Config, ModelConfig
 from .swin import create_swin, swin_forward_masked
 from .vit import create_vit, vit_forward_masked
 
-__all__ = ["SimMIM", "normalize_targets"]
+__all__ = ["SimMIM", "normalize_targets", "denormalize_targets", "local_stats"]
 
 
-def normalize_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
-    """SwinV2 target normalisation: (x - local mean) / sqrt(unbiased local var + 1e-6), per pixel/channel.
-
-    Local statistics over a ``window`` x ``window`` square (stride 1, zero padding excluded from the
-    means); the variance uses n / (n - 1) with n the in-image pixels of each window, clamped at 0.
-    """
+def local_stats(x: torch.Tensor, window: int = 47):
+    """Per pixel and channel: mean and unbiased variance over a ``window`` x ``window`` square
+    (stride 1, zero padding excluded from the means, n / (n - 1) with n the in-image pixels of
+    each window, clamped at 0), in fp32."""
     x = x.float()
     pad = window // 2
     mean = F.avg_pool2d(x, window, stride=1, padding=pad, count_include_pad=False)
     mean_sq = F.avg_pool2d(x * x, window, stride=1, padding=pad, count_include_pad=False)
     n = F.avg_pool2d(torch.ones_like(x[:, :1]), window, stride=1, padding=pad, count_include_pad=True) * window ** 2
     var = ((mean_sq - mean ** 2) * (n / (n - 1))).clamp(min=0)
-    return (x - mean) / (var + 1e-6).sqrt()
+    return mean, var
+
+
+def normalize_targets(x: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """SwinV2 target normalisation: (x - local mean) / sqrt(local var + 1e-6), see ``local_stats``."""
+    mean, var = local_stats(x, window)
+    return (x.float() - mean) / (var + 1e-6).sqrt()
+
+
+def denormalize_targets(rec: torch.Tensor, images: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """Inverse of ``normalize_targets`` with the local statistics of ``images`` (hidden patches
+    included, which the model never sees): for display only."""
+    mean, var = local_stats(images, window)
+    return rec.float() * (var + 1e-6).sqrt() + mean
 
 
 class SimMIM(nn.Module):

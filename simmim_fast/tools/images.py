@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-__all__ = ["center_view", "load_image", "load_user_mask", "to_uint8_rgb"]
+__all__ = ["center_view", "load_image", "load_user_mask"]
 
 
 def center_view(img: Image.Image, size: int, interpolation=InterpolationMode.BICUBIC) -> Image.Image:
@@ -57,13 +57,3 @@ def load_user_mask(path: str | Path, size: int, image_size_of: str | Path | None
                 grey = grey.resize(ref.size, Image.NEAREST)
     view = center_view(grey, size, interpolation=InterpolationMode.NEAREST)
     return np.asarray(view, dtype=np.float32) / 255.0
-
-
-def to_uint8_rgb(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(B, 3, H, W) normalised tensor -> (B, H, W, 3) uint8 RGB, de-normalised and clipped."""
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"to_uint8_rgb: expected (B, 3, H, W), got {tuple(x.shape)}")
-    m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
-    rgb = (x.detach().float().cpu() * s + m).clamp(0, 1)
-    return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
