@@ -53,18 +53,23 @@ def _cell_and_pair_freqs(grids: np.ndarray):
     return flat.mean(0), (flat.T @ flat) / len(flat)
 
 
-def test_uniformity_numpy():
-    rng = np.random.default_rng(0)
-    gen = MaskGenerator(192, 32, 4, 0.6, rng=rng)
-    n = 4000
-    grids = np.stack([_grid_of(gen(), 8) for _ in range(n)])
+def _assert_uniform_22_of_36(grids: np.ndarray):
+    """Every cell masked with probability 22/36, every pair with 22*21 / (36*35) (without replacement)."""
+    n = len(grids)
     cell, pair = _cell_and_pair_freqs(grids)
     p = 22 / 36
     sd = math.sqrt(p * (1 - p) / n)
     assert np.abs(cell - p).max() < 5 * sd
-    # Without replacement: P(i and j masked) = 22*21 / (36*35) for i != j.
     off = pair[~np.eye(36, dtype=bool)]
     assert abs(off.mean() - 22 * 21 / (36 * 35)) < 0.01
+    return cell, pair, sd
+
+
+def test_uniformity_numpy():
+    rng = np.random.default_rng(0)
+    gen = MaskGenerator(192, 32, 4, 0.6, rng=rng)
+    n = 4000
+    _assert_uniform_22_of_36(np.stack([_grid_of(gen(), 8) for _ in range(n)]))
 
 
 def test_batched_matches_distribution():
@@ -73,12 +78,7 @@ def test_batched_matches_distribution():
     n = 4000
     grids = _grid_of(gen(n, generator=g).numpy(), 8)
     assert (grids.reshape(n, -1).sum(1) == 22).all()
-    cell, pair = _cell_and_pair_freqs(grids)
-    p = 22 / 36
-    sd = math.sqrt(p * (1 - p) / n)
-    assert np.abs(cell - p).max() < 5 * sd
-    off = pair[~np.eye(36, dtype=bool)]
-    assert abs(off.mean() - 22 * 21 / (36 * 35)) < 0.01
+    cell, pair, sd = _assert_uniform_22_of_36(grids)
     # Same law as the official generator: per-cell and pairwise frequencies agree.
     official = MaskGenerator(192, 32, 4, 0.6, rng=np.random.default_rng(1))
     ref_cell, ref_pair = _cell_and_pair_freqs(np.stack([_grid_of(official(), 8) for _ in range(n)]))
