@@ -199,7 +199,7 @@ class PretrainLoader:
         span = (f"steps {record['start_step']}-{done - 1}" if done < self.steps_per_epoch or record["start_step"]
                 else "whole epoch")
         if not record["skipped"]:
-            log.info("data: epoch %d rank %d (%s): no files skipped", epoch, self.rank, span)
+            log.debug("data: epoch %d rank %d (%s): no files skipped", epoch, self.rank, span)
             return
         where = ""
         if self.log_dir is not None:

@@ -73,8 +73,12 @@ class TorchBackend:
         for step in steps:  # views are drawn in the workers, from the decoded size
             slots = self.planner.slots(epoch, step)
             items += [(epoch, int(s), int(f)) for s, f in zip(slots, self.planner.resolver.resolve(slots))]
+        # Views are seeded per sample, so the workers' base seed is irrelevant; a private generator keeps
+        # the DataLoader from drawing it from the global RNG, which would shift the training RNG stream
+        # (drop path) with the point where an epoch was entered and break resume equality.
         loader = DataLoader(self.dataset, batch_size=self.planner.batch_size, sampler=items,
                             num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                            generator=torch.Generator(),
                             collate_fn=_collate, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers > 0 else None)
         for step, (images, files, failures) in zip(steps, loader):

@@ -140,9 +140,7 @@ def _reconstruction_callback(cfg, backend, loader, out: Path, is_main: bool):
     every = cfg.logging.visualize_every
     if not every:
         return None
-    import torch
-    with torch.random.fork_rng(devices=[]):  # keep the training RNG stream untouched (see Trainer)
-        images, mask = next(iter(loader.epoch(0)))
+    images, mask = next(iter(loader.epoch(0)))
     images, mask = images[:8], mask[:8]
     (out / "reconstructions").mkdir(exist_ok=True)
 
@@ -169,13 +167,12 @@ def _setup_logging(rank: int) -> None:
     """The package's own log lines (e.g. the data loader's file reports): INFO on rank 0, warnings elsewhere."""
     import logging
     logger = logging.getLogger("simmim_fast")
-    if not logger.handlers:
+    # Only where nobody configured logging: an application's (or pytest's) root handlers get the
+    # records through propagation instead, and nothing is printed twice.
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
-        # the loader's per-epoch "no files skipped" lines would be one per step with short epochs
-        handler.addFilter(lambda r: not r.getMessage().endswith("no files skipped"))
         logger.addHandler(handler)
-        logger.propagate = False
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 

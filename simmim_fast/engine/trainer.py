@@ -121,11 +121,7 @@ class Trainer:
     def _micro_batches(self, batches: Iterator) -> Iterator[Any]:
         for i in range(self.accumulation):
             try:
-                # A torch DataLoader draws its workers' base seed from the global RNG when an epoch's iterator
-                # starts; shielding every fetch keeps the training RNG stream (drop path) independent of where
-                # an epoch was entered, so a resumed run draws exactly what the uninterrupted one drew.
-                with torch.random.fork_rng(devices=[]):
-                    batch = next(batches)
+                batch = next(batches)  # loaders must not draw from the global RNG (resume equality)
                 yield batch
             except StopIteration:
                 raise RuntimeError(f"the loader ended after {i} of {self.accumulation} micro-batches of a step; "
