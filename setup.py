@@ -11,12 +11,12 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ is installed as simmim_fast.kernels: other MIM code imports it on its own, and the
-    # unrelated PyPI package called `kernels` is never shadowed.
-    packages=find_packages(include=["simmim_fast", "simmim_fast.*"]) + ["simmim_fast.kernels"],
-    package_dir={"simmim_fast.kernels": "kernels"},
+    # The fused ops are their own distribution, simmim-kernels (kernels/, torch + triton only), which
+    # other MIM code installs on its own; simmim_fast.kernels re-exports it.
+    packages=find_packages(include=["simmim_fast", "simmim_fast.*"]),
     include_package_data=True,
     install_requires=[
+        "simmim-kernels>=0.1",  # kernels/ in this repository: pip install -e ./kernels -e .
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "timm>=1.0.9,<2",

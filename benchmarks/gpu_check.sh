@@ -8,11 +8,8 @@ cd "$(dirname "$0")/.."
 # (both overridable for a dry run of this script on a CPU: TRITON_INTERPRET=1 SIMMIM_SLOW_TESTS=)
 export TRITON_INTERPRET=${TRITON_INTERPRET:-0} SIMMIM_SLOW_TESTS=${SIMMIM_SLOW_TESTS-1} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-# simmim_fast.kernels is the kernels/ folder (setup.py maps it); without an install, link it.
-if ! $PY -c "import simmim_fast.kernels" 2>/dev/null; then
-  [ -e simmim_fast/kernels ] || ln -s ../kernels simmim_fast/kernels
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# a plain checkout imports both packages: simmim_fast from the root, simmim_kernels from kernels/
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 $PY - <<'PY'
 import torch, triton
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -23,7 +20,7 @@ echo "== correctness (tests/test_kernels*.py on the GPU) =="
 # Many small tests, each new shape / dtype a Triton compile: spread them over workers if xdist is there.
 parallel=()
 $PY -c "import xdist" 2>/dev/null && parallel=(-n 8)
-timeout 330 $PY -m pytest tests/test_kernels.py tests/test_kernels_model.py tests/test_kernels_compile.py \
+timeout 330 $PY -m pytest kernels/tests/test_kernels.py tests/test_kernels_model.py tests/test_kernels_compile.py \
   ${parallel[@]+"${parallel[@]}"} -q -p no:cacheprovider --durations=5 2>&1 | tail -n 30
 tests_rc=${PIPESTATUS[0]}
 echo "tests: rc=$tests_rc in $((SECONDS - start)) s"

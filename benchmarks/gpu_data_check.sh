@@ -27,7 +27,7 @@ if ! python3 -c 'import nvidia.dali' 2>/dev/null && [ -e .device_pkgs/unpack.sh 
 fi
 python3 -c 'import nvidia.dali' || { echo "DALI is not installed and no carried parts are complete: see DEVELOPERS.md"; exit 3; }
 if ! python3 -c 'import simmim_fast.kernels' 2>/dev/null; then
-  python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 3
+  python3 -m pip install -q --no-deps --no-build-isolation -e ./kernels -e . || exit 3
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 python3 -c 'import sys, torch, torchvision, timm, nvidia.dali as d, os

@@ -31,7 +31,7 @@ if ! python3 -c 'import deepspeed' 2>/dev/null; then
 fi
 # simmim_fast.kernels is kernels/ (an editable install maps it; the untracked symlink may not travel)
 if ! python3 -c 'import simmim_fast.kernels' 2>/dev/null; then
-  python3 -m pip install -q --no-deps --no-build-isolation -e . || echo "editable install failed"
+  python3 -m pip install -q --no-deps --no-build-isolation -e ./kernels -e . || echo "editable install failed"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__, "cuda", torch.version.cuda)'

@@ -1,6 +1,6 @@
 """The fused Triton ops against the plain-PyTorch references, forward and backward.
 
-On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on
+On a CPU the kernels run in Triton's interpreter (kernels/tests/conftest.py sets TRITON_INTERPRET=1), on
 small shapes; with CUDA (and TRITON_INTERPRET=0) the same tests run compiled on the GPU, plus the
 full SimMIM sizes. Every buffer a kernel writes is allocated NaN-filled (the ``poison`` fixture),
 so an element a kernel fails to write shows up.
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simmim_fast.kernels import _utils, mask_substitute, masked_l1, mask_token_substitute, masked_l1_loss
-from simmim_fast.kernels import reference as ref
+from simmim_kernels import _utils, mask_substitute, masked_l1, mask_token_substitute, masked_l1_loss
+from simmim_kernels import reference as ref
 
 INTERPRETED = (_utils.TRITON_IMPORT_ERROR is None
                and _utils.triton_interpreted(mask_substitute._mask_substitute_fwd_kernel))
@@ -24,7 +24,7 @@ DEVICE = DEVICES[0]
 ON_GPU = DEVICE == "cuda"
 
 # Relative tolerance by dtype: fp32 ~1e-6; bf16 / fp16 one ulp. (The kernels round to nearest even
-# in the interpreter too, see kernels/_triton_helpers.py, so on the CPU most checks are exact.)
+# in the interpreter too, see kernels/simmim_kernels/_triton_helpers.py, so on the CPU most checks are exact.)
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float64: 1e-12}
 TINY = {torch.float32: 1e-30, torch.bfloat16: 1e-30, torch.float16: 6e-8, torch.float64: 1e-300}
 

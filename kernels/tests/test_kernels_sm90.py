@@ -1,6 +1,6 @@
 """The compiled (non-interpreted) kernels build for an H100, for every launch the ops make.
 
-tests/sm90_compile.py runs in a subprocess without TRITON_INTERPRET, records each launch the host
+kernels/tests/sm90_compile.py runs in a subprocess without TRITON_INTERPRET, records each launch the host
 code makes, specialises it as Triton's JIT would, and compiles it to PTX and a cubin (Triton's
 compiler and ptxas run without a GPU). The bandwidth-critical launches must use vector loads and
 stores (16-byte accesses where alignment allows); without them the kernels fall short of the

@@ -6,7 +6,7 @@ alignment), compiles that launch to PTX and a cubin with Triton's own compiler a
 the vectorised global loads / stores in the PTX. The interpreter tests prove the kernels' results;
 this proves that the compiled path builds, for the launches the ops really make.
 
-    python tests/sm90_compile.py      # prints one JSON line per launch; needs TRITON_INTERPRET unset
+    python kernels/tests/sm90_compile.py      # prints one JSON line per launch; needs TRITON_INTERPRET unset
 Used by tests/test_kernels_sm90.py in a subprocess.
 """
 import json
@@ -28,8 +28,8 @@ except ImportError as err:
     print(json.dumps(dict(skip=f"triton {triton.__version__} lacks an internal this check uses: {err}")))
     sys.exit(0)
 
-from simmim_fast.kernels import mask_substitute as ms  # noqa: E402
-from simmim_fast.kernels import masked_l1 as ml  # noqa: E402
+from simmim_kernels import mask_substitute as ms  # noqa: E402
+from simmim_kernels import masked_l1 as ml  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

@@ -1,12 +1,12 @@
-"""simmim_fast.kernels: fused ops for masked image modeling, usable on their own.
+"""simmim_kernels: fused ops for masked image modeling, usable on their own.
 
-    from simmim_fast.kernels import mask_token_substitute, masked_l1_loss
+    from simmim_kernels import mask_token_substitute, masked_l1_loss
     x = mask_token_substitute(x, mask, mask_token)              # x (B, H, W, C), mask (B, H, W)
     loss = masked_l1_loss(pred, images, mask, patch_size=4)     # pred/images (B, 3, H, W)
 
 Each op takes ``backend="auto"`` (fused Triton kernels for CUDA tensors, the reference elsewhere),
 ``"triton"`` or ``"torch"``. Imports nothing from simmim_fast, timm, DeepSpeed or DALI. Each op has
-a plain-PyTorch reference of the exact formula in ``simmim_fast.kernels.reference``.
+a plain-PyTorch reference of the exact formula in ``simmim_kernels.reference``.
 """
 from . import reference
 from ._utils import TRITON_IMPORT_ERROR

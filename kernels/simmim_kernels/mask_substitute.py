@@ -183,7 +183,7 @@ def mask_token_substitute_bwd(grad_out: torch.Tensor, mask: torch.Tensor, mask_t
 
 # torch.compile sees these two as opaque ops (with fake kernels for shape propagation), so the
 # autograd.Function below traces without graph breaks and the kernels run as they are.
-@torch.library.custom_op("simmim_fast::mask_token_substitute_fwd", mutates_args=())
+@torch.library.custom_op("simmim_kernels::mask_token_substitute_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     return mask_token_substitute_fwd(x, mask, mask_token)
 
@@ -193,7 +193,7 @@ def _(x, mask, mask_token):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("simmim_fast::mask_token_substitute_bwd", mutates_args=())
+@torch.library.custom_op("simmim_kernels::mask_token_substitute_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_token_substitute_bwd(grad_out, mask, mask_token)
 

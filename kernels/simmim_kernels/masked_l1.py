@@ -219,7 +219,7 @@ def masked_l1_bwd(grad_loss: torch.Tensor, denom: torch.Tensor, pred: torch.Tens
     return grad_pred, grad_target
 
 
-@torch.library.custom_op("simmim_fast::masked_l1_fwd", mutates_args=())
+@torch.library.custom_op("simmim_kernels::masked_l1_fwd", mutates_args=())
 def _fwd_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int, eps: float,
             pixel_shuffle: int) -> tuple[torch.Tensor, torch.Tensor]:
     return masked_l1_fwd(pred, target, mask, patch_size, eps, pixel_shuffle)
@@ -231,7 +231,7 @@ def _(pred, target, mask, patch_size, eps, pixel_shuffle):
     return pred.new_empty((), dtype=acc), pred.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("simmim_fast::masked_l1_bwd", mutates_args=())
+@torch.library.custom_op("simmim_kernels::masked_l1_bwd", mutates_args=())
 def _bwd_op(grad_loss: torch.Tensor, denom: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
             mask: torch.Tensor, patch_size: int, pixel_shuffle: int,
             need_grad_target: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from simmim_fast.kernels import reference as ref
+from simmim_kernels import reference as ref
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (3, 11, 6)])
