@@ -1,8 +1,9 @@
-"""Configuration schema, loading and validation.
+"""The configuration schema: every section, key, type, default, help text and cross-key check.
 
-A config is one JSON file with the sections below; every key has a default, a type and a help
-text (docs/CONFIG.md is generated from this file: ``python -m simmim_fast.config``). Loading
-checks every key and value and raises ``ConfigError`` naming the key, the value and the file.
+A config is one JSON file with the sections below. Loading it (``load_config``) goes through the
+generic typed loader (``simmim_fast.typed_config``), which checks every key and value and raises
+``ConfigError`` naming the key, the value and the file; docs/CONFIG.md is generated from the help
+texts (``simmim-fast config-docs``).
 
     cfg = load_config("configs/swin_b.json", overrides=["train.base_lr=2e-4"])
 """
@@ -10,28 +11,36 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
 import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+from .typed_config import ConfigError, apply_overrides, check_positive, config_error, config_to_dict, load_typed
 
 __all__ = [
     "Config", "ModelConfig", "MaskConfig", "DataConfig", "TrainConfig", "EngineConfig", "CheckpointConfig",
-    "LoggingConfig", "FinetuneConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides", "schema_markdown",
+    "LoggingConfig", "FinetuneConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides",
 ]
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key, the value and the source."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_err = config_error
+
+
+def _positive(obj: Any, *names: str) -> None:
+    check_positive(_section_name(obj), obj, *names)
+
+
+def _section_name(obj: Any) -> str:
+    for f in dataclasses.fields(Config):
+        if f.type == type(obj).__name__ or getattr(f.type, "__name__", None) == type(obj).__name__:
+            return f.name
+    return type(obj).__name__
 
 
 @dataclass
@@ -378,164 +387,6 @@ class Config:
                  f"(patch_size x 2^(stages - 1))")
 
 
-# --------------------------------------------------------------------------------------------
-# Loading and checking
-
-_SOURCE = "<dict>"
-
-
-def _err(key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"config key '{key}' = {json.dumps(value, default=str)} {why} (in {_SOURCE})")
-
-
-def _positive(obj: Any, *names: str) -> None:
-    section = _section_name(obj)
-    for n in names:
-        v = getattr(obj, n)
-        if v < 1:
-            _err(f"{section}.{n}", v, "must be a positive int")
-
-
-def _section_name(obj: Any) -> str:
-    for f in dataclasses.fields(Config):
-        if f.type == type(obj).__name__ or getattr(f.type, "__name__", None) == type(obj).__name__:
-            return f.name
-    return type(obj).__name__
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(json.dumps(a) for a in typing.get_args(tp))
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, List):
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (tuple, Tuple):
-        args = typing.get_args(tp)
-        return f"list of {len(args)} {_type_name(args[0])}"
-    if origin in (dict, Dict):
-        return "object"
-    if tp is type(None):
-        return "null"
-    return {int: "int", float: "number", bool: "bool", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in the dataclass's form."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"config key '{key}' = {json.dumps(value, default=str)} must be {_type_name(tp)} "
-                      f"(in {_SOURCE})")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be an object (a JSON dict of keys), got "
-                              f"{json.dumps(value, default=str)} (in {_SOURCE})")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if not any(value == c and type(value) is type(c) for c in choices):
-            raise bad
-        return value
-    if origin is Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise bad
-    if tp is type(None):
-        if value is not None:
-            raise bad
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise bad
-        return copy.deepcopy(value)
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-
-
-def _hints(cls: type) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, data: Dict[str, Any], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (in {_SOURCE}); known keys"
-            f"{' of ' + prefix[:-1] if prefix else ''}: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def config_to_dict(cfg: Any) -> Dict[str, Any]:
-    """The config as plain JSON-able data (tuples become lists)."""
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-    return conv(cfg)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # bare strings: --set data.backend=torch
-
-
-def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (value parsed as JSON, else taken as a string) to raw config data."""
-    data = copy.deepcopy(data)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like section.key=value (e.g. train.base_lr=1e-4)")
-        key, text = ov.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {ov!r}: bad key {key!r}")
-        node = data
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {ov!r}: '{p}' is not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(text.strip())
-    return data
-
-
 def load_config(source: Union[str, os.PathLike, Dict[str, Any], Config, None] = None,
                 overrides: Sequence[str] = ()) -> Config:
     """Load, validate and return a Config.
@@ -544,64 +395,6 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], Config, None] = 
         source: a JSON file path, a dict of raw config data, a Config (re-validated), or None for defaults.
         overrides: dotted ``section.key=value`` strings applied on top (values parsed as JSON).
     Raises:
-        ConfigError: naming the file, the key and the value for anything wrong.
-        FileNotFoundError: if the file does not exist.
+        ConfigError: naming the file, the key and the value for anything wrong (a missing file too).
     """
-    global _SOURCE
-    if isinstance(source, Config):
-        data, name = config_to_dict(source), "<Config>"
-    elif source is None:
-        data, name = {}, "<defaults>"
-    elif isinstance(source, dict):
-        data, name = copy.deepcopy(source), "<dict>"
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object at the top level")
-    prev, _SOURCE = _SOURCE, name + (f" with overrides {list(overrides)}" if overrides else "")
-    try:
-        data = apply_overrides(data, overrides)
-        cfg = _build(Config, data)
-        cfg.validate()
-    finally:
-        _SOURCE = prev
-    return cfg
-
-
-def schema_markdown() -> str:
-    """Every config key with its type, default and meaning, as Markdown (docs/CONFIG.md)."""
-    lines = ["# Config reference", "",
-             "Generated from `simmim_fast/config.py` by `simmim-fast config-docs -o docs/CONFIG.md`.",
-             "Every key is optional; the default is used where a file leaves a key out. Unknown keys, wrong "
-             "types and inconsistent values are errors that name the key.", ""]
-    top = _hints(Config)
-    scalars = []
-    for f in dataclasses.fields(Config):
-        tp = top[f.name]
-        if not dataclasses.is_dataclass(tp):
-            scalars.append((f, tp))
-            continue
-        lines += [f"## `{f.name}`: {f.metadata['help']}", "", "| key | type | default | meaning |",
-                  "|---|---|---|---|"]
-        hints = _hints(tp)
-        for sf in dataclasses.fields(tp):
-            default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
-            lines.append(f"| `{f.name}.{sf.name}` | {_type_name(hints[sf.name])} | "
-                         f"`{json.dumps(config_to_dict(default) if isinstance(default, tuple) else default)}` | "
-                         f"{sf.metadata['help']} |")
-        lines.append("")
-    lines += ["## top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for f, tp in scalars:
-        lines.append(f"| `{f.name}` | {_type_name(tp)} | `{json.dumps(f.default)}` | {f.metadata['help']} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(schema_markdown(), end="")
+    return load_typed(Config, source, overrides)

@@ -1,9 +1,43 @@
-"""``simmim-fast config-docs``: print every config key with type, default and meaning."""
+"""docs/CONFIG.md, generated from the schema's help texts; ``simmim-fast config-docs`` prints it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import typing
 
-from .config import schema_markdown
+from .config import Config
+from .typed_config import config_to_dict, type_name
+
+__all__ = ["schema_markdown", "add_arguments", "main"]
+
+
+def schema_markdown() -> str:
+    """Every config key with its type, default and meaning, as Markdown (docs/CONFIG.md)."""
+    lines = ["# Config reference", "",
+             "Generated from `simmim_fast/config.py` by `simmim-fast config-docs -o docs/CONFIG.md`.",
+             "Every key is optional; the default is used where a file leaves a key out. Unknown keys, wrong "
+             "types and inconsistent values are errors that name the key.", ""]
+    top = typing.get_type_hints(Config)
+    scalars = []
+    for f in dataclasses.fields(Config):
+        tp = top[f.name]
+        if not dataclasses.is_dataclass(tp):
+            scalars.append((f, tp))
+            continue
+        lines += [f"## `{f.name}`: {f.metadata['help']}", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        hints = typing.get_type_hints(tp)
+        for sf in dataclasses.fields(tp):
+            default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
+            lines.append(f"| `{f.name}.{sf.name}` | {type_name(hints[sf.name])} | "
+                         f"`{json.dumps(config_to_dict(default) if isinstance(default, tuple) else default)}` | "
+                         f"{sf.metadata['help']} |")
+        lines.append("")
+    lines += ["## top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for f, tp in scalars:
+        lines.append(f"| `{f.name}` | {type_name(tp)} | `{json.dumps(f.default)}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,3 +7,7 @@ EXIT_USAGE = 2
 
 class UserError(Exception):
     """A bad input; the message names the problem (key, file, shape, dtype) and, where it helps, the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a FileNotFoundError, for callers that catch that)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from simmim_fast import ConfigError, load_config
-from simmim_fast.config import schema_markdown
+from simmim_fast.config_docs import schema_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
