@@ -3,7 +3,7 @@
 `deepspeed train.py --config configs/swin_l.json` (all GPUs). Options: docs/ENGINE.md."""
 import sys
 
-from simmim_fast.engine.pretrain import cli
+from simmim_fast.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(train_main())

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from simmim_fast import load_config  # noqa: E402
-from simmim_fast.data import build_pretrain_loader  # noqa: E402
+from simmim_fast.data import PretrainLoader  # noqa: E402
 from simmim_fast.data.samples import sample_photo_paths  # noqa: E402
 
 
@@ -79,9 +79,9 @@ def loader_config(data: Path, backend: str, size: int, batch: int, threads: int,
 
 def measure(cfg, device: str, epochs: int = 1, warmup_steps: int = 4, max_steps: Optional[int] = None) -> Dict:
     """Images/s of the loader over ``epochs`` timed epochs (or ``max_steps`` steps) after a warm-up."""
-    loader = build_pretrain_loader(cfg, device=device)
+    loader = PretrainLoader(cfg, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    steps_per_epoch = loader.steps_per_epoch if max_steps is None else min(max_steps, loader.steps_per_epoch)
+    steps_per_epoch = loader.micro_batches_per_epoch if max_steps is None else min(max_steps, loader.micro_batches_per_epoch)
     try:
         for i, _ in enumerate(loader.epoch(0)):  # warm-up: pipeline build, workers, page cache, allocator
             if i + 1 >= min(warmup_steps, steps_per_epoch):

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from simmim_fast import SimMIM, load_config  # noqa: E402
-from simmim_fast.data import build_pretrain_loader  # noqa: E402
+from simmim_fast.data import PretrainLoader  # noqa: E402
 
 
 def run(model, opt, loader, device: str, warmup: int, steps: int, amp: bool) -> dict:
@@ -76,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, failed = [], 0
     for backend in args.backends:
         try:
-            loader = build_pretrain_loader(load_config(args.config, overrides=base + [f"data.backend={backend}"]),
+            loader = PretrainLoader(load_config(args.config, overrides=base + [f"data.backend={backend}"]),
                                            device=device)
             try:
                 r = run(step_model, opt, loader, device, args.warmup, args.steps, amp=device == "cuda")

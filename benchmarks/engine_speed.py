@@ -95,7 +95,7 @@ def build_step(model: str, variant: str, batch: int, compile: bool, bf16_weights
     from simmim_fast.engine.dist import init_distributed
     from simmim_fast.engine.ds_config import resolve_precision
     from simmim_fast.engine.optim import param_groups
-    from simmim_fast.data import build_pretrain_loader
+    from simmim_fast.data import PretrainLoader
 
     path, model_overrides = MODELS[model]
     mode = "torch" if variant == "torch" else "deepspeed"
@@ -110,7 +110,7 @@ def build_step(model: str, variant: str, batch: int, compile: bool, bf16_weights
     net = SimMIM.from_config(cfg)
     backend = build_backend(net, param_groups(net, cfg.train.weight_decay), cfg, dist,
                             resolve_precision(cfg, dist.device.type))
-    batches = build_pretrain_loader(cfg, dist.rank, dist.world_size, dist.device).epoch(0)
+    batches = PretrainLoader(cfg, dist.rank, dist.world_size, dist.device).epoch(0)
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
 
     def step():

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .models import denormalize_targets
+from .errors import UserError
 
 __all__ = ["reconstruction_panels", "reconstruction_grid", "render_grid", "save_reconstruction_grid", "snap_mask",
            "to_uint8_rgb", "save_png_atomically", "PANEL_GAP"]
@@ -34,11 +35,11 @@ def snap_mask(user_mask: np.ndarray, snap_size: int, threshold: float = 0.5) -> 
     ``threshold`` of its pixels are white (>= 0.5)."""
     s = user_mask.shape[0]
     if user_mask.ndim != 2 or user_mask.shape[1] != s:
-        raise ValueError(f"snap_mask: the drawing must be square (S, S), got {user_mask.shape}")
+        raise UserError(f"snap_mask: the drawing must be square (S, S), got {user_mask.shape}")
     if s % snap_size:
-        raise ValueError(f"snap_mask: image size {s} is not divisible by the snap size {snap_size}")
+        raise UserError(f"snap_mask: image size {s} is not divisible by the snap size {snap_size}")
     if not 0 < threshold <= 1:
-        raise ValueError(f"snap_mask: threshold must be in (0, 1], got {threshold}")
+        raise UserError(f"snap_mask: threshold must be in (0, 1], got {threshold}")
     g = s // snap_size
     cells = (user_mask >= 0.5).reshape(g, snap_size, g, snap_size).mean(axis=(1, 3))
     return (cells >= threshold).astype(np.int64)
@@ -128,12 +129,12 @@ def reconstruction_grid(model: torch.nn.Module, images: torch.Tensor, mask: torc
     the snapping panel for user masks.
     """
     if images.dim() != 4:
-        raise ValueError(f"reconstruction_grid: images must be (B, 3, S, S), got {tuple(images.shape)}")
+        raise UserError(f"reconstruction_grid: images must be (B, 3, S, S), got {tuple(images.shape)}")
     if mask.dim() != 3 or mask.shape[0] != images.shape[0]:
-        raise ValueError(f"reconstruction_grid: mask must be (B, S/p, S/p) for images {tuple(images.shape)}, "
+        raise UserError(f"reconstruction_grid: mask must be (B, S/p, S/p) for images {tuple(images.shape)}, "
                          f"got {tuple(mask.shape)}")
     if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"reconstruction_grid: scale must be a positive int, got {scale!r}")
+        raise UserError(f"reconstruction_grid: scale must be a positive int, got {scale!r}")
     n = min(images.shape[0], max_rows)
     panels = reconstruction_panels(model, images[:n], mask[:n], mean, std)
     rows = []
@@ -164,7 +165,7 @@ def save_reconstruction_grid(model: torch.nn.Module, images: torch.Tensor, mask:
 def to_uint8_rgb(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(B, 3, H, W) normalised tensor -> (B, H, W, 3) uint8 RGB, de-normalised and clipped."""
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"to_uint8_rgb: expected (B, 3, H, W), got {tuple(x.shape)}")
+        raise UserError(f"to_uint8_rgb: expected (B, 3, H, W), got {tuple(x.shape)}")
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
     rgb = (x.detach().float().cpu() * s + m).clamp(0, 1)

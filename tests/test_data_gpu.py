@@ -26,10 +26,10 @@ def mixed(tmp_path_factory):
     return root, make_odd_files(root / "odd")
 
 
-def _run(cfg, epoch=0, start_step=0, device="cuda", **kw):
-    from simmim_fast.data import build_pretrain_loader
-    loader = build_pretrain_loader(cfg, device=device, **kw)
-    out = [(x.clone(), m.clone()) for x, m in loader.epoch(epoch, start_step)]
+def _run(cfg, epoch=0, start_batch=0, device="cuda", **kw):
+    from simmim_fast.data import PretrainLoader
+    loader = PretrainLoader(cfg, device=device, **kw)
+    out = [(x.clone(), m.clone()) for x, m in loader.epoch(epoch, start_batch)]
     loader.close()
     return out, loader
 
@@ -55,7 +55,7 @@ def test_dali_gpu_resume_dtypes_and_sharding(mixed, tmp_path):
     root, _ = mixed
     cfg = data_config(root, tmp_path, "dali", batch=2, max_skipped_fraction=0.5)
     full, _ = _run(cfg, epoch=1)
-    tail, _ = _run(cfg, epoch=1, start_step=10)
+    tail, _ = _run(cfg, epoch=1, start_batch=10)
     for (a, ma), (b, mb) in zip(full[10:], tail):
         assert torch.equal(a, b) and torch.equal(ma, mb)
     for dtype in ("float16", "bfloat16"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_helpers import colour_ids, data_config, make_colour_files, make_odd_files, make_photo_tree, photo
-from simmim_fast.data import build_pretrain_loader, epoch_order, list_images
+from simmim_fast.data import PretrainLoader, epoch_order, list_images
 
 BACKENDS = ["torch", "dali_cpu"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -31,10 +31,10 @@ def mixed(tmp_path_factory):
     return root, odd
 
 
-def _epoch(cfg, epoch=0, start_step=0, **kw):
-    loader = build_pretrain_loader(cfg, **kw)
+def _epoch(cfg, epoch=0, start_batch=0, **kw):
+    loader = PretrainLoader(cfg, **kw)
     try:
-        return [(x.clone(), m.clone()) for x, m in loader.epoch(epoch, start_step)], loader
+        return [(x.clone(), m.clone()) for x, m in loader.epoch(epoch, start_batch)], loader
     finally:
         loader.close()
 
@@ -42,7 +42,7 @@ def _epoch(cfg, epoch=0, start_step=0, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes_dtypes_ranges(backend, photos, tmp_path):
     batches, loader = _epoch(data_config(photos, tmp_path, backend))
-    assert loader.steps_per_epoch == 3 and loader.num_samples == 12 and len(batches) == 3
+    assert loader.micro_batches_per_epoch == 3 and loader.num_samples == 12 and len(batches) == 3
     for images, mask in batches:
         assert images.shape == (4, 3, 96, 96) and images.dtype == torch.float32 and images.device.type == "cpu"
         assert mask.shape == (4, 24, 24) and mask.dtype == torch.uint8
@@ -61,21 +61,21 @@ def test_shapes_dtypes_ranges(backend, photos, tmp_path):
 def test_deterministic_and_resumable(backend, photos, tmp_path):
     cfg = data_config(photos, tmp_path, backend, batch=2)
     full, _ = _epoch(cfg, epoch=1)
-    resumed, _ = _epoch(cfg, epoch=1, start_step=4)
+    resumed, _ = _epoch(cfg, epoch=1, start_batch=4)
     assert len(full) == 6 and len(resumed) == 2
     for (ia, ma), (ib, mb) in zip(full[4:], resumed):
         assert torch.equal(ia, ib) and torch.equal(ma, mb)
     other, _ = _epoch(cfg, epoch=2)
     assert not torch.equal(full[0][0], other[0][0])
-    loader = build_pretrain_loader(cfg)
+    loader = PretrainLoader(cfg)
     for _ in zip(range(2), loader.epoch(5)):  # an epoch abandoned with batches in flight ...
         pass
     again = [x for x, _ in loader.epoch(1)]  # ... leaves the next one unaffected
     assert all(torch.equal(a, b) for a, b in zip(again, (x for x, _ in full)))
-    assert list(loader.epoch(1, start_step=6)) == []
+    assert list(loader.epoch(1, start_batch=6)) == []
     first = loader.epoch(1)
     assert torch.equal(next(first)[0], full[0][0])
-    second = [x for x, _ in loader.epoch(1, start_step=3)]  # a second iterator while the first is open
+    second = [x for x, _ in loader.epoch(1, start_batch=3)]  # a second iterator while the first is open
     assert all(torch.equal(a, b) for a, b in zip(second, (x for x, _ in full[3:])))
     if backend == "torch":  # independent DataLoaders: the first goes on
         assert torch.equal(next(first)[0], full[1][0])
@@ -109,7 +109,7 @@ def test_mean_std_of_one_image_agree(tmp_path):
         im.save(root / f"{i}.jpg", quality=95)
     stats = {}
     for b in BACKENDS:
-        loader = build_pretrain_loader(data_config(root, tmp_path, b))
+        loader = PretrainLoader(data_config(root, tmp_path, b))
         x = torch.cat([x for e in range(3) for x, _ in loader.epoch(e)])
         stats[b] = (x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)))
     whole = (torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None]) \
@@ -125,8 +125,8 @@ def test_bad_files_skipped_counted_and_logged(backend, workers, mixed, tmp_path,
     root, odd = mixed
     cfg = data_config(root, tmp_path, backend, num_workers=workers, max_skipped_fraction=0.5)
     caplog.set_level(logging.INFO, logger="simmim_fast.data")
-    loader = build_pretrain_loader(cfg, log_dir=tmp_path / "run")
-    assert loader.num_samples == 28 and loader.steps_per_epoch == 7
+    loader = PretrainLoader(cfg, log_dir=tmp_path / "run")
+    assert loader.num_samples == 28 and loader.micro_batches_per_epoch == 7
     for epoch in (0, 1):
         batches = [x for x, _ in loader.epoch(epoch)]
         assert len(batches) == 7 and all(torch.isfinite(x).all() and x.shape[0] == 4 for x in batches)
@@ -143,7 +143,7 @@ def test_bad_files_skipped_counted_and_logged(backend, workers, mixed, tmp_path,
     log = (tmp_path / "run" / "data_skipped_rank0.tsv").read_text().splitlines()
     assert log[0].startswith("epoch\tstep\tpath") and len(log) == 1 + 2 * 5
     assert len((tmp_path / "run" / "data_bad_files.tsv").read_text().splitlines()) == 1 + 3
-    resumed, _ = _epoch(cfg, epoch=1, start_step=3)  # a fresh loader finds the same bad files, same batches
+    resumed, _ = _epoch(cfg, epoch=1, start_batch=3)  # a fresh loader finds the same bad files, same batches
     assert all(torch.equal(a, b) for a, b in zip(batches[3:], (x for x, _ in resumed)))
     loader.close()
 
@@ -154,8 +154,8 @@ def test_sharding_covers_each_file_once(backend, tmp_path):
     cfg = data_config(tmp_path / "colours", tmp_path, backend, batch=2)
     seen = []
     for rank in range(2):
-        loader = build_pretrain_loader(cfg, rank=rank, world_size=2)
-        assert loader.steps_per_epoch == 4
+        loader = PretrainLoader(cfg, rank=rank, world_size=2)
+        assert loader.micro_batches_per_epoch == 4
         for step, (x, _) in enumerate(loader.epoch(1)):
             ids = colour_ids(x, MEAN, STD)
             assert ids == loader.plan(1, step).files.tolist()
@@ -175,14 +175,14 @@ def test_epoch_order_shards():
 
 def test_synthetic_backend_and_mask_distribution(tmp_path):
     cfg = data_config(None, tmp_path, "synthetic", batch=8, synthetic_samples=801)
-    loader = build_pretrain_loader(cfg, rank=1, world_size=2)
-    assert loader.steps_per_epoch == 50 and loader.num_samples == 801
+    loader = PretrainLoader(cfg, rank=1, world_size=2)
+    assert loader.micro_batches_per_epoch == 50 and loader.num_samples == 801
     batches = list(loader.epoch(0))
     images = torch.stack([x for x, _ in batches])
     masks = torch.cat([m for _, m in batches])
     assert images.shape == (50, 8, 3, 96, 96) and images.dtype == torch.float32
     assert abs(images.mean()) < 0.01 and abs(images.std() - 1) < 0.01
-    resumed = list(loader.epoch(0, start_step=45))
+    resumed = list(loader.epoch(0, start_batch=45))
     assert len(resumed) == 5
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches[45:], resumed))
     # Masks: 22 of the 6 x 6 cells of 16 px, each repeated 4 x 4 tokens, every cell equally likely.
@@ -191,9 +191,9 @@ def test_synthetic_backend_and_mask_distribution(tmp_path):
     assert (cells.flatten(1).sum(1) == math.ceil(36 * 0.6)).all()
     freq = cells.float().mean(0)
     assert (freq - 22 / 36).abs().max() < 4 * math.sqrt(22 / 36 * 14 / 36 / len(cells))
-    other_rank = build_pretrain_loader(cfg, rank=0, world_size=2)
+    other_rank = PretrainLoader(cfg, rank=0, world_size=2)
     assert not torch.equal(next(iter(other_rank.epoch(0)))[1], batches[0][1])
-    assert build_pretrain_loader(cfg).stats()["epochs"] == {}
+    assert PretrainLoader(cfg).stats()["epochs"] == {}
 
 
 def test_masks_are_the_same_for_every_backend(photos, tmp_path):
@@ -205,25 +205,25 @@ def test_masks_are_the_same_for_every_backend(photos, tmp_path):
 
 def test_bad_input_is_refused_before_any_work(photos, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        build_pretrain_loader(data_config(photos, tmp_path, "dali"), device="cpu")
+        PretrainLoader(data_config(photos, tmp_path, "dali"), device="cpu")
     with pytest.raises(ValueError, match="rank must be"):
-        build_pretrain_loader(data_config(photos, tmp_path), rank=2, world_size=2)
-    loader = build_pretrain_loader(data_config(photos, tmp_path))
+        PretrainLoader(data_config(photos, tmp_path), rank=2, world_size=2)
+    loader = PretrainLoader(data_config(photos, tmp_path))
     for bad in (-1, 4, 1.0):
-        with pytest.raises(ValueError, match="start_step must be"):
+        with pytest.raises(ValueError, match="start_batch must be"):
             loader.epoch(0, bad)
     with pytest.raises(ValueError, match="epoch must be"):
         loader.epoch(-1)
     with pytest.raises(FileNotFoundError, match="data.path does not exist"):
-        build_pretrain_loader(data_config(tmp_path / "nope", tmp_path))
+        PretrainLoader(data_config(tmp_path / "nope", tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images found"):
-        build_pretrain_loader(data_config(tmp_path / "empty", tmp_path))
+        PretrainLoader(data_config(tmp_path / "empty", tmp_path))
     with pytest.raises(ValueError, match="fewer than one batch"):
-        build_pretrain_loader(data_config(photos, tmp_path, batch=16))
+        PretrainLoader(data_config(photos, tmp_path, batch=16))
     monkeypatch.setitem(__import__("sys").modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match="pip install nvidia-dali"):
-        build_pretrain_loader(data_config(photos, tmp_path, "dali_cpu"))
+        PretrainLoader(data_config(photos, tmp_path, "dali_cpu"))
 
 
 def test_too_many_bad_files_refused(tmp_path):
@@ -231,12 +231,12 @@ def test_too_many_bad_files_refused(tmp_path):
     make_photo_tree(root / "a", 6)
     make_odd_files(root / "b")
     with pytest.raises(ValueError, match=r"3 of 22 files .* more than data.max_skipped_fraction = 0.1"):
-        build_pretrain_loader(data_config(root, tmp_path, max_skipped_fraction=0.1))
+        PretrainLoader(data_config(root, tmp_path, max_skipped_fraction=0.1))
     shutil.rmtree(root / "b")
     (root / "b").mkdir()
     make_photo_tree(root / "b", 6, max_side=64)
     small = data_config(root, tmp_path, min_image_side=65, max_skipped_fraction=0.5)
-    assert build_pretrain_loader(small).stats()["unusable_files"] == 6
+    assert PretrainLoader(small).stats()["unusable_files"] == 6
 
 
 def test_dali_reads_a_png_copy_of_a_file_it_fails_on(tmp_path, monkeypatch, caplog):

@@ -1,7 +1,7 @@
 """``simmim-fast scan``: what training would skip, convert or use; the index it caches is the loader's."""
 from data_helpers import data_config, make_odd_files, make_photo_tree
 from simmim_fast.cli import main
-from simmim_fast.data import build_pretrain_loader
+from simmim_fast.data import PretrainLoader
 
 
 def test_scan_reports_and_caches(tmp_path, capsys):
@@ -20,7 +20,7 @@ def test_scan_reports_and_caches(tmp_path, capsys):
     rows = listing.read_text().splitlines()
     assert rows[0] == "path\treason" and len(rows) == 4
     # The loader takes the scan's index from the cache instead of checking the files again.
-    loader = build_pretrain_loader(data_config(root, tmp_path, max_skipped_fraction=0.5))
+    loader = PretrainLoader(data_config(root, tmp_path, max_skipped_fraction=0.5))
     assert loader.index.checked == 0 and len(loader.index.bad) == 3
 
     assert main(["scan", str(root), "--cache-dir", str(cache), "--workers", "2", "--check", "decode",

@@ -64,10 +64,10 @@ class FixedLoader:
         s = cfg.model.img_size
         self.batch = (torch.randn(4, 3, s, s, generator=g),
                       BatchMaskGenerator(s, cfg.mask.mask_patch_size, 4, 0.6)(4, generator=g))
-        self.steps_per_epoch = steps
+        self.micro_batches_per_epoch = steps
 
-    def epoch(self, epoch, start_step=0):
-        for _ in range(start_step, self.steps_per_epoch):
+    def epoch(self, epoch, start_batch=0):
+        for _ in range(start_batch, self.micro_batches_per_epoch):
             yield self.batch
 
 

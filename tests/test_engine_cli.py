@@ -5,7 +5,7 @@ import json
 from engine_subprocess import ROOT
 from simmim_fast import load_config
 from simmim_fast.engine.ds_config import deepspeed_config, resolve_precision, uses_autocast
-from simmim_fast.engine.pretrain import cli
+from simmim_fast.cli import train_main as cli
 
 TINY = str(ROOT / "configs/swin_tiny_cpu.json")
 

@@ -61,7 +61,7 @@ def test_nan_step_is_skipped(runs, world):
 @pytest.mark.parametrize("world", [1, 2])
 def test_load_model_state_consolidates_every_stage(runs, world):
     from simmim_fast import SimMIM
-    from simmim_fast.engine import load_model_state
+    from simmim_fast.weights import load_model_state
     d, _ = runs[world]
     for stage in STAGES + BF16:
         cfg, state = load_model_state(d / f"zero{stage}")      # an output dir, resolved through 'latest'

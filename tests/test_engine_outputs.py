@@ -11,7 +11,7 @@ from simmim_fast.visualization import PANEL_GAP
 
 
 def test_run_outputs(tmp_path, one_thread):
-    from simmim_fast.engine.pretrain import cli
+    from simmim_fast.cli import train_main as cli
     args = [a if a != "train.max_steps=40" else "train.max_steps=4" for a in ARGS]
     args += ["--set", "engine.mode=torch", "--set", "engine.zero_stage=0", "--set", "logging.visualize_every=2",
              "--set", "logging.tensorboard=true", "--output-dir", str(tmp_path)]

@@ -67,7 +67,7 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
 
 def test_torch_mode_stop_and_resume_in_process(tmp_path, one_thread):
     """engine.mode torch: a run stopped at step 3 and resumed equals an uninterrupted one."""
-    from simmim_fast.engine.pretrain import cli
+    from simmim_fast.cli import train_main as cli
     base = ARGS + ["--set", "engine.mode=torch", "--set", "engine.zero_stage=0"]
     steps6 = [a if a != "train.max_steps=40" else "train.max_steps=6" for a in base]
     steps3 = [a if a != "train.max_steps=40" else "train.max_steps=3" for a in base]
@@ -78,7 +78,7 @@ def test_torch_mode_stop_and_resume_in_process(tmp_path, one_thread):
     assert sorted(a) == list(range(1, 7)) and a == b
     import torch
 
-    from simmim_fast.engine import load_model_state
+    from simmim_fast.weights import load_model_state
     cfg, state = load_model_state(tmp_path / "b")
     _, ref = load_model_state(tmp_path / "a" / "checkpoints" / "step_00000006")
     assert cfg.engine.mode == "torch" and set(state) == set(ref)

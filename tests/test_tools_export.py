@@ -10,7 +10,7 @@ from simmim_fast import SimMIM, load_config
 from simmim_fast.cli import main as cli_main
 from simmim_fast.tools.export import (build_timm_model, convert_to_timm, encoder_state_dict, resize_rel_pos_table,
                                       timm_target)
-from simmim_fast.tools.source import save_state_file
+from simmim_fast.weights import save_state_file
 
 from helpers import tiny_swin_config, tiny_vit_config
 

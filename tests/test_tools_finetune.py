@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
 from simmim_fast import SimMIM, load_config
-from simmim_fast.tools.finetune import (BestKeeper, FinetuneLoader, FinetuneModel, build_classifier, build_mixup,
+from simmim_fast.jobs.finetune import (BestKeeper, FinetuneLoader, FinetuneModel, build_classifier, build_mixup,
                                         evaluate_top1)
 
 from helpers import tiny_swin_config, tiny_vit_config
@@ -64,13 +64,13 @@ def test_loader_is_resumable_and_mixup_is_seeded():
     cfg = _ft_cfg(tiny_swin_config)
     mixup = build_mixup(cfg, 4)
     loader = FinetuneLoader(_toy_dataset(), 4, seed=3, rank=0, world_size=1, device="cpu", num_workers=0, mixup=mixup)
-    assert loader.steps_per_epoch == 6
+    assert loader.micro_batches_per_epoch == 6
     np.random.seed(123)
     a = list(loader.epoch(2))
     after = np.random.rand()
     np.random.seed(123)
     assert np.random.rand() == after, "the global numpy stream must be left as it was"
-    b = list(loader.epoch(2, start_step=4))
+    b = list(loader.epoch(2, start_batch=4))
     for (xa, ya), (xb, yb) in zip(a[4:], b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a[0][0], list(loader.epoch(3))[0][0])

@@ -18,7 +18,7 @@ from simmim_fast.tools.fashion_mnist import fashion_mnist_root, write_image_fold
 from simmim_fast.tools.features import feature_sets
 from simmim_fast.tools.knn import knn_top1
 from simmim_fast.tools.linear_probe import train_linear_probe
-from simmim_fast.tools.source import build_simmim, load_source
+from simmim_fast.weights import build_simmim, load_source
 
 HAVE_FMNIST = (fashion_mnist_root() / "train-images-idx3-ubyte.gz").is_file()
 pytestmark = pytest.mark.skipif(not HAVE_FMNIST, reason=f"Fashion-MNIST idx files not in {fashion_mnist_root()} "
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.skipif(not HAVE_FMNIST, reason=f"Fashion-MNIST idx file
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
-    pretrain = pytest.importorskip("simmim_fast.engine.pretrain", reason="the training engine is not in this tree")
+    from simmim_fast import cli as pretrain
     tmp = tmp_path_factory.mktemp("learning")
     images = write_image_folder(tmp / "fmnist", "train", limit=10000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # one thread: steady on a busy 2-core machine, where 2 threads thrash
     t0 = time.time()
     try:
-        rc = pretrain.cli(["--config", "configs/fmnist_swin_cpu.json", "--output-dir", str(tmp / "run"),
+        rc = pretrain.train_main(["--config", "configs/fmnist_swin_cpu.json", "--output-dir", str(tmp / "run"),
                            "--data-path", str(images), "--set", "logging.tensorboard=false"])
     finally:
         torch.set_num_threads(threads)
@@ -83,7 +83,7 @@ def test_cli_tools_on_the_cpu_checkpoint(pretrained_run, tmp_path):
 
 
 def test_finetune_from_the_cpu_checkpoint(pretrained_run, tmp_path):
-    from simmim_fast.tools.finetune import add_arguments, run
+    from simmim_fast.jobs.finetune import add_arguments, run
     import argparse
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -106,7 +106,7 @@ def test_finetune_from_the_cpu_checkpoint(pretrained_run, tmp_path):
     import timm
     from safetensors.torch import load_file
     from simmim_fast import load_config
-    from simmim_fast.tools.finetune import evaluate_top1
+    from simmim_fast.jobs.finetune import evaluate_top1
     net = timm.create_model(best["model_name"], num_classes=best["num_classes"],
                             **{k: tuple(v) if isinstance(v, list) else v for k, v in best["model_kwargs"].items()})
     net.load_state_dict(load_file(str(tmp_path / "ft/best/model.safetensors")))

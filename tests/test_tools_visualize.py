@@ -7,7 +7,7 @@ from PIL import Image
 from simmim_fast import BatchMaskGenerator, SimMIM
 from simmim_fast.cli import main as cli_main
 from simmim_fast.visualization import PANEL_GAP, save_reconstruction_grid, snap_mask, to_uint8_rgb
-from simmim_fast.tools.source import save_state_file
+from simmim_fast.weights import save_state_file
 
 from helpers import tiny_swin_config, tiny_vit_config
 

@@ -1,5 +1,5 @@
 """Data pipelines for SimMIM pretraining (see loader.py for the interface the engine consumes)."""
 from .files import list_images
-from .loader import PretrainLoader, build_pretrain_loader, epoch_order, load_index
+from .loader import PretrainLoader, epoch_order, load_index
 
-__all__ = ["PretrainLoader", "build_pretrain_loader", "epoch_order", "list_images", "load_index"]
+__all__ = ["PretrainLoader", "epoch_order", "list_images", "load_index"]

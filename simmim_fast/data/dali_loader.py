@@ -29,7 +29,7 @@ from .index import CONVERT
 from .plan import Planner, StepPlan
 from .transforms import load_rgb
 
-__all__ = ["DaliBackend", "import_dali", "converted_copy"]
+__all__ = ["DaliDataBackend", "import_dali", "converted_copy"]
 
 log = logging.getLogger("simmim_fast.data")
 
@@ -70,7 +70,7 @@ def _dali_error_summary(e: BaseException) -> str:
     return ((op.group(1) + ": " if op else "") + msg)[:200]
 
 
-class DaliBackend:
+class DaliDataBackend:
     def __init__(self, planner: Planner, size: int, gpu: bool, device: torch.device, num_threads: int,
                  prefetch: int, hw_decoder_load: float, output_fp16: bool, cache_dir: Path):
         self.dali, self.fn, self.types = import_dali()

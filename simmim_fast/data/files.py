@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .samples import sample_photo_paths
+from ..errors import UserError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
@@ -35,12 +36,12 @@ def list_images(path: Optional[str], layout: str = "auto") -> List[Path]:
         return sample_photo_paths()
     root = Path(path).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"data.path does not exist: {root}")
+        raise MissingFileError(f"data.path does not exist: {root}")
     if layout == "auto":
         layout = detect_layout(root)
     if layout == "filelist":
         if not root.is_file():
-            raise ValueError(f"data.layout is 'filelist' but data.path {root} is not a file")
+            raise UserError(f"data.layout is 'filelist' but data.path {root} is not a file")
         base = root.parent
         paths = []
         for line in root.read_text().splitlines():
@@ -50,16 +51,16 @@ def list_images(path: Optional[str], layout: str = "auto") -> List[Path]:
                 paths.append(p if p.is_absolute() else base / p)
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} files listed in {root} do not exist, e.g. {missing[0]}")
+            raise MissingFileError(f"{len(missing)} files listed in {root} do not exist, e.g. {missing[0]}")
     else:
         if not root.is_dir():
-            raise ValueError(f"data.layout is '{layout}' but data.path {root} is not a folder")
+            raise UserError(f"data.layout is '{layout}' but data.path {root} is not a folder")
         pattern = "*/*" if layout == "imagefolder" else "*"
         paths = [p for p in root.glob(pattern) if p.is_file() and _is_image(p)]
         if layout == "imagefolder":  # also accept nested class folders
             paths += [p for p in root.glob("*/*/**/*") if p.is_file() and _is_image(p)]
     paths = sorted(set(paths))
     if not paths:
-        raise ValueError(f"no images found in data.path {root} (layout {layout}; extensions "
+        raise UserError(f"no images found in data.path {root} (layout {layout}; extensions "
                          f"{', '.join(IMAGE_EXTENSIONS)})")
     return paths

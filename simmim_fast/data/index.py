@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .transforms import load_rgb
+from ..errors import UserError
 
 __all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "PathTable", "check_image_file",
            "build_index", "default_cache_dir", "FileResolver"]
@@ -221,7 +222,7 @@ def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
     checks in worker processes (for the scan command) instead of threads (safe inside training).
     """
     if check not in CHECKS:
-        raise ValueError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
+        raise UserError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
     start = time.perf_counter()
     level = CHECKS[check]
     names = [str(p) for p in paths]
@@ -294,14 +295,14 @@ class FileResolver:
         self.pos = np.empty(n, dtype=np.int64)
         self.pos[self.perm] = np.arange(n)
         if self.is_bad.all():
-            raise ValueError(f"none of the {n} files of the dataset can be used; first: {index.paths[0]}: "
+            raise UserError(f"none of the {n} files of the dataset can be used; first: {index.paths[0]}: "
                              f"{self.reasons.get(0, '')}")
 
     def mark_bad(self, file: int, reason: str) -> None:
         self.is_bad[file] = True
         self.reasons.setdefault(int(file), reason)
         if self.is_bad.all():
-            raise RuntimeError("every file of the dataset has turned out undecodable")
+            raise UserError("every file of the dataset has turned out undecodable")
 
     def stand_in(self, file: int) -> int:
         n = len(self.perm)
@@ -310,7 +311,7 @@ class FileResolver:
             cand = int(self.perm[(k + j) % n])
             if not self.is_bad[cand]:
                 return cand
-        raise RuntimeError("every file of the dataset is undecodable")
+        raise UserError("every file of the dataset is undecodable")
 
     def resolve(self, slots: np.ndarray) -> np.ndarray:
         files = np.asarray(slots, dtype=np.int64).copy()

@@ -1,12 +1,12 @@
 """The loader interface the training engine consumes, whatever the backend.
 
-    loader = build_pretrain_loader(cfg, rank=0, world_size=1, device=torch.device("cuda"), log_dir=out)
-    for images, mask in loader.epoch(epoch, start_step=0):
+    loader = PretrainLoader(cfg, rank=0, world_size=1, device=torch.device("cuda"), log_dir=out)
+    for images, mask in loader.epoch(epoch, start_batch=0):
         ...  # images (B, 3, S, S) normalised, data.output_dtype, on device; mask (B, S/p, S/p) uint8 on device
     loader.stats()  # files skipped per epoch (undecodable ones, replaced by stand-ins)
 
 Order and content are a function of (train.seed, epoch, rank, world size) and of which files are
-bad: an epoch restarted at ``start_step`` yields exactly the batches an uninterrupted epoch yields
+bad: an epoch restarted at ``start_batch`` yields exactly the batches an uninterrupted epoch yields
 from that step on, with every backend (plan.py, views.py). Batches are always full: a bad file's
 slot reads a deterministic stand-in file (index.py).
 """
@@ -16,28 +16,31 @@ import contextlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..config import Config
+from ..errors import UserError
 from ..masking import BatchMaskGenerator
 from .files import list_images
 from .index import CONVERT, ImageIndex, build_index, default_cache_dir
 from .plan import Planner, epoch_order
 
-__all__ = ["PretrainLoader", "build_pretrain_loader", "epoch_order", "load_index"]
+__all__ = ["PretrainLoader", "epoch_order", "load_index"]
 
 log = logging.getLogger("simmim_fast.data")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_index(cfg: Config, workers: Optional[int] = None, processes: bool = False, progress=None) -> ImageIndex:
-    """The checked file index of cfg.data.path (from the cache for unchanged files)."""
+def load_index(cfg: Config, workers: Optional[int] = None, processes: bool = False, progress=None,
+               paths: Optional[List[Path]] = None) -> ImageIndex:
+    """The checked file index of cfg.data.path (from the cache for unchanged files); ``paths`` are its
+    files when the caller has listed them already."""
     d = cfg.data
-    paths = list_images(d.path, d.layout)
+    paths = list_images(d.path, d.layout) if paths is None else paths
     root = Path(d.path).expanduser().resolve() if d.path is not None else paths[0].parent
     index = build_index(paths, f"{root}|{d.layout}", d.check, cache_dir=_cache_dir(cfg),
                         workers=max(1, d.num_workers if workers is None else workers), processes=processes,
@@ -51,20 +54,21 @@ def _cache_dir(cfg: Config) -> Path:
 
 
 class PretrainLoader:
-    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device | str,
-                 log_dir: Optional[str | Path] = None):
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 log_dir: Optional[str | Path] = None, paths: Optional[List[Path]] = None):
+        """``paths``: the dataset's files when the caller has listed them already (``list_images``)."""
         d, m = cfg.data, cfg.model
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+            raise UserError(f"world_size must be a positive int, got {world_size!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size = {world_size}), got {rank!r}")
+            raise UserError(f"rank must be an int in [0, world_size = {world_size}), got {rank!r}")
         self.cfg = cfg
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         if d.backend == "dali" and self.device.type != "cuda":
-            raise ValueError(f"data.backend 'dali' decodes on the GPU and needs a CUDA device, got {self.device}; "
+            raise UserError(f"data.backend 'dali' decodes on the GPU and needs a CUDA device, got {self.device}; "
                              f"use data.backend 'dali_cpu' or 'torch'")
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} requested but CUDA is not available")
+            raise UserError(f"device {self.device} requested but CUDA is not available")
         self.backend_name = d.backend
         self.batch_size = cfg.train.micro_batch_size
         self.seed = cfg.train.seed
@@ -78,32 +82,32 @@ class PretrainLoader:
         self.backend = None
         if d.backend == "synthetic":
             self.num_samples = d.synthetic_samples
-            self.steps_per_epoch = (self.num_samples // world_size) // self.batch_size
+            self.micro_batches_per_epoch = (self.num_samples // world_size) // self.batch_size
             self._check_steps(f"data.synthetic_samples = {d.synthetic_samples}")
             return
         if d.backend in ("dali", "dali_cpu"):
             from .dali_loader import import_dali
             import_dali()  # fail now, naming the missing package, not after the file check
-        self.index = load_index(cfg)
+        self.index = load_index(cfg, paths=paths)
         self.num_samples = len(self.index)
-        self.steps_per_epoch = (self.num_samples // world_size) // self.batch_size
+        self.micro_batches_per_epoch = (self.num_samples // world_size) // self.batch_size
         self._check_steps(f"data.path = {d.path}")
         self._report_index()
         self.planner = Planner(self.index, d, self.seed, rank, world_size, self.batch_size)
         if d.backend == "torch":
-            from .torch_loader import TorchBackend
-            self.backend = TorchBackend(self.planner, self.size, d.num_workers,
+            from .torch_loader import TorchDataBackend
+            self.backend = TorchDataBackend(self.planner, self.size, d.num_workers,
                                         pin_memory=self.device.type == "cuda")
         else:
-            from .dali_loader import DaliBackend
-            self.backend = DaliBackend(self.planner, self.size, gpu=d.backend == "dali", device=self.device,
+            from .dali_loader import DaliDataBackend
+            self.backend = DaliDataBackend(self.planner, self.size, gpu=d.backend == "dali", device=self.device,
                                        num_threads=d.num_workers, prefetch=d.dali_prefetch,
                                        hw_decoder_load=d.dali_hw_decoder_load,
                                        output_fp16=d.output_dtype == "float16", cache_dir=_cache_dir(cfg))
 
     def _check_steps(self, source: str) -> None:
-        if self.steps_per_epoch == 0:
-            raise ValueError(
+        if self.micro_batches_per_epoch == 0:
+            raise UserError(
                 f"dataset has {self.num_samples} images, fewer than one batch per rank "
                 f"(train.micro_batch_size {self.batch_size} x world size {self.world_size}); "
                 f"lower train.micro_batch_size or add images ({source})")
@@ -130,7 +134,7 @@ class PretrainLoader:
                         f.write(f"{idx.paths[i]}\t{idx.reasons[int(i)]}\n")
         limit = d.max_skipped_fraction
         if len(bad) > limit * len(idx):
-            raise ValueError(
+            raise UserError(
                 f"{len(bad)} of {len(idx)} files in {where} cannot be used, more than data.max_skipped_fraction "
                 f"= {limit}; first: {idx.paths[bad[0]]} ({idx.reasons[int(bad[0])]}). Run `simmim-fast scan "
                 f"{d.path or ''}` for the full list, fix or remove them, or raise data.max_skipped_fraction")
@@ -141,7 +145,7 @@ class PretrainLoader:
         g.manual_seed(int(np.random.default_rng([self.seed, epoch, step, self.rank, stream]).integers(2 ** 62)))
         return g
 
-    def mask_generator(self, epoch: int, step: int) -> torch.Generator:
+    def mask_rng(self, epoch: int, step: int) -> torch.Generator:
         """The generator of step ``step``'s masks: seeded by (seed, epoch, step, rank), on the device."""
         return self._generator(epoch, step, 0x3A5C)
 
@@ -149,17 +153,17 @@ class PretrainLoader:
         """What step ``step`` of ``epoch`` holds on this rank (slots, files read, views); None for 'synthetic'."""
         return None if self.planner is None else self.planner.plan(epoch, step)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step must be an int in [0, steps_per_epoch = {self.steps_per_epoch}], "
-                             f"got {start_step!r}")
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= self.micro_batches_per_epoch:
+            raise UserError(f"start_batch must be an int in [0, micro_batches_per_epoch = {self.micro_batches_per_epoch}], "
+                             f"got {start_batch!r}")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        return self._epoch(epoch, start_step)
+            raise UserError(f"epoch must be a non-negative int, got {epoch!r}")
+        return self._epoch(epoch, start_batch)
 
-    def _epoch(self, epoch: int, start_step: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        record = self._epochs[epoch] = {"skipped": 0, "files": [], "start_step": start_step, "steps": 0}
-        steps = range(start_step, self.steps_per_epoch)
+    def _epoch(self, epoch: int, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        record = self._epochs[epoch] = {"skipped": 0, "files": [], "start_batch": start_batch, "steps": 0}
+        steps = range(start_batch, self.micro_batches_per_epoch)
         batches = (self._synthetic(epoch, steps) if self.backend is None else self.backend.run(epoch, steps))
         try:
             with contextlib.closing(batches):
@@ -168,7 +172,7 @@ class PretrainLoader:
                     images = images.to(self.device, non_blocking=True)
                     if images.dtype != self.dtype:
                         images = images.to(self.dtype)
-                    g = self.mask_generator(epoch, step)
+                    g = self.mask_rng(epoch, step)
                     mask = self.masks(images.shape[0], device=g.device, generator=g).to(self.device, non_blocking=True)
                     record["steps"] += 1
                     yield images, mask
@@ -195,8 +199,8 @@ class PretrainLoader:
     def _summarise(self, epoch: int, record: Dict[str, Any]) -> None:
         if self.backend is None:
             return
-        done = record["start_step"] + record["steps"]
-        span = (f"steps {record['start_step']}-{done - 1}" if done < self.steps_per_epoch or record["start_step"]
+        done = record["start_batch"] + record["steps"]
+        span = (f"steps {record['start_batch']}-{done - 1}" if done < self.micro_batches_per_epoch or record["start_batch"]
                 else "whole epoch")
         if not record["skipped"]:
             log.debug("data: epoch %d rank %d (%s): no files skipped", epoch, self.rank, span)
@@ -221,14 +225,9 @@ class PretrainLoader:
         return {"backend": self.backend_name, "rank": self.rank, "num_files": self.num_samples,
                 "unusable_files": bad,
                 "converted_files": int((self.index.status == CONVERT).sum()) if self.index is not None else 0,
-                "epochs": {e: {"skipped": r["skipped"], "files": list(r["files"]), "start_step": r["start_step"],
+                "epochs": {e: {"skipped": r["skipped"], "files": list(r["files"]), "start_batch": r["start_batch"],
                                "steps": r["steps"]} for e, r in self._epochs.items()}}
 
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
-
-
-def build_pretrain_loader(cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                          log_dir: Optional[str | Path] = None) -> PretrainLoader:
-    return PretrainLoader(cfg, rank, world_size, device, log_dir)

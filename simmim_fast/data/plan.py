@@ -48,7 +48,7 @@ class Planner:
         self._order: Optional[Tuple[int, np.ndarray]] = None
 
     @property
-    def steps_per_epoch(self) -> int:
+    def micro_batches_per_epoch(self) -> int:
         return (len(self.index) // self.world_size) // self.batch_size
 
     def order(self, epoch: int) -> np.ndarray:

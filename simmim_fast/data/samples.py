@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import List
 
+from ..errors import UserError
+
 # File names inside skimage/data; greyscale ones are converted to RGB by the loaders.
 SKIMAGE_PHOTOS = (
     "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
@@ -22,7 +24,7 @@ def sample_photo_dir() -> Path:
     try:
         import skimage
     except ImportError as e:  # scikit-image is an install requirement; this only happens in a broken env
-        raise RuntimeError("data.path is null, which means the sample photos of scikit-image, but scikit-image "
+        raise UserError("data.path is null, which means the sample photos of scikit-image, but scikit-image "
                            "is not installed: pip install scikit-image, or set data.path") from e
     return Path(os.path.dirname(skimage.__file__)) / "data"
 
@@ -32,5 +34,5 @@ def sample_photo_paths() -> List[Path]:
     d = sample_photo_dir()
     paths = [d / n for n in SKIMAGE_PHOTOS if (d / n).is_file()]
     if not paths:
-        raise RuntimeError(f"no sample photos found in {d}; set data.path to your own images")
+        raise UserError(f"no sample photos found in {d}; set data.path to your own images")
     return paths

@@ -16,6 +16,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..cli import add_config_arguments
+from ..errors import UserError
+
 __all__ = ["add_arguments", "main"]
 
 
@@ -23,9 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", help="an ImageFolder tree, a flat folder of images or a text file "
                                                 "listing images (default: data.path of --config, else the "
                                                 "scikit-image sample photos)")
-    parser.add_argument("--config", help="config file whose data section gives the defaults")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set data.min_image_side=64 (repeatable)")
+    add_config_arguments(parser, help="config file whose data section gives the defaults")
     parser.add_argument("--layout", choices=["auto", "imagefolder", "flat", "filelist"], help="data.layout")
     parser.add_argument("--check", choices=["header", "decode"],
                         help="'header' (fast) or 'decode' (decode every file once); default data.check")
@@ -38,25 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, load_config
     import numpy as np
+
+    from ..config import load_config
 
     from .index import BAD
     from .loader import load_index
 
-    overrides = list(args.set)
+    overrides = list(args.overrides)
     for key, value in (("path", args.path), ("layout", args.layout), ("check", args.check),
                        ("cache_dir", args.cache_dir), ("min_image_side", args.min_side)):
         if value is not None:
             overrides.append(f"data.{key}={value}" if key != "path" else f"data.path={_json_str(value)}")
     if args.workers < 1:
-        print(f"scan: --workers must be >= 1, got {args.workers}", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, overrides=overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"scan: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    cfg = load_config(args.config, overrides=overrides)
     d = cfg.data
     where = d.path if d.path is not None else "the scikit-image sample photos"
 
@@ -64,11 +61,7 @@ def main(args: argparse.Namespace) -> int:
         if sys.stderr.isatty():
             print(f"\rscan: checked {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    try:
-        index = load_index(cfg, workers=args.workers, processes=True, progress=progress)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"scan: {e}", file=sys.stderr)
-        return 2
+    index = load_index(cfg, workers=args.workers, processes=True, progress=progress)
     n = len(index)
     bad = index.bad
     print(f"scanned {n} files in {where} (check: {d.check}; {index.checked} checked in {index.seconds:.1f} s, "

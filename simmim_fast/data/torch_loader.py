@@ -18,7 +18,7 @@ from .plan import Planner
 from .transforms import apply_view, load_rgb
 from .views import sample_views
 
-__all__ = ["PretrainImageDataset", "TorchBackend"]
+__all__ = ["PretrainImageDataset", "TorchDataBackend"]
 
 
 class PretrainImageDataset(Dataset):
@@ -57,7 +57,7 @@ def _collate(items):
     return images, files, failures
 
 
-class TorchBackend:
+class TorchDataBackend:
     def __init__(self, planner: Planner, size: int, num_workers: int, pin_memory: bool):
         d = planner.data
         self.planner = planner

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple
 
 import numpy as np
+from ..errors import UserError
 
 __all__ = ["Views", "sample_uniforms", "sample_views", "NUM_TRIES"]
 
@@ -115,10 +116,10 @@ def sample_views(seed: int, epoch: int, slots: Sequence[int] | np.ndarray, width
     widths = np.asarray(widths, dtype=np.int64).reshape(-1)
     heights = np.asarray(heights, dtype=np.int64).reshape(-1)
     if not len(widths) == len(heights) == len(np.asarray(slots).reshape(-1)):
-        raise ValueError(f"sample_views: {len(np.asarray(slots).reshape(-1))} slots but {len(widths)} widths "
+        raise UserError(f"sample_views: {len(np.asarray(slots).reshape(-1))} slots but {len(widths)} widths "
                          f"and {len(heights)} heights")
     if len(widths) and (widths.min() < 1 or heights.min() < 1):
-        raise ValueError("sample_views: image widths and heights must be >= 1")
+        raise UserError("sample_views: image widths and heights must be >= 1")
     draws = sample_uniforms(seed, epoch, slots, NUM_DRAWS)
     top, left, h, w = crop_boxes(widths, heights, draws, scale, ratio)
     return Views(top, left, h, w, draws[:, _FLIP] < hflip_prob)

@@ -1,4 +1,4 @@
-"""Checkpoints: layout, atomic commit, keep-last-K, resume state, and loading a model from any of them.
+"""Checkpoints: layout, atomic commit, keep-last-K, resume state, and reading the model state of any of them.
 
     <output_dir>/checkpoints/
         latest                      text file: the tag of the newest complete checkpoint
@@ -21,21 +21,24 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from ..config import Config, config_to_dict, load_config
+from ..config import Config
+from ..typed_config import config_to_dict
+from ..errors import MissingFileError, UserError
 
-__all__ = ["CheckpointError", "CheckpointManager", "resolve_checkpoint", "load_model_state", "tag_for_step",
+__all__ = ["CheckpointError", "CheckpointManager", "resolve_checkpoint", "read_model_state", "tag_for_step",
            "read_trainer_state", "capture_rng", "restore_rng"]
 
 _TAG = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the file."""
 
 
 def tag_for_step(step: int) -> str:
@@ -87,7 +90,7 @@ def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
     """One checkpoint dir from an output dir, a checkpoints dir (via ``latest``) or a checkpoint dir."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint path does not exist: {p}")
+        raise MissingFileError(f"checkpoint path does not exist: {p}")
     if _is_checkpoint(p):
         return p
     for root in (p, p / "checkpoints"):
@@ -114,12 +117,6 @@ class CheckpointManager:
         self.rank = rank
         self.keep_last = keep_last
         self.barrier = barrier
-
-    def latest(self) -> Optional[Path]:
-        f = self.root / "latest"
-        if not f.is_file():
-            return None
-        return resolve_checkpoint(self.root)
 
     def tags(self) -> List[str]:
         if not self.root.is_dir():
@@ -203,15 +200,13 @@ def _bf16_optimizer_state(ds_dir: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _zero0_half_state(cfg: Config, model_states: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def _zero0_half_state(model_states: Dict[str, Any], meta_param_groups: Callable[[], Tuple[nn.Module, List[dict]]]
+                      ) -> Dict[str, torch.Tensor]:
     """ZeRO-0 with bf16/fp16 weights: DeepSpeed's half-precision optimiser keeps the fp32 master weights as
-    per-group lists in our param-group order; rebuild that order (on the meta device) to name them."""
-    from ..models import SimMIM
-    from .optim import param_groups
-    with torch.device("meta"):
-        model = SimMIM.from_config(cfg)
+    per-group lists in the optimiser's param-group order; ``meta_param_groups()`` rebuilds the model (on the
+    meta device) and those groups, with the same builder the run used, to name them."""
+    model, groups = meta_param_groups()
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model)
     masters = model_states["optimizer"]["fp32_groups"]
     if [len(g["params"]) for g in groups] != [len(m) for m in masters]:
         raise CheckpointError("ZeRO-0 checkpoint: the fp32 master groups do not match the model's param groups")
@@ -222,14 +217,13 @@ def _zero0_half_state(cfg: Config, model_states: Dict[str, Any]) -> Dict[str, to
     return state
 
 
-def load_model_state(path: Union[str, os.PathLike]) -> Tuple[Config, Dict[str, torch.Tensor]]:
-    """(Config, full-precision SimMIM state dict) from an output dir, a checkpoints dir or a checkpoint dir.
-
-    Works for the torch mode and for DeepSpeed checkpoints of any ZeRO stage (ZeRO 1-3 are consolidated
-    from the fp32 master partitions with DeepSpeed's zero_to_fp32). Keys are those of SimMIM.state_dict().
-    """
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config(ckpt / "config.json")
+def read_model_state(ckpt: Union[str, os.PathLike],
+                     meta_param_groups: Callable[[], Tuple[nn.Module, List[dict]]]) -> Dict[str, torch.Tensor]:
+    """The full-precision model state dict of one checkpoint dir, for the torch mode and DeepSpeed
+    checkpoints of any ZeRO stage (ZeRO 1-3 consolidated from the fp32 master partitions with
+    DeepSpeed's zero_to_fp32). ``meta_param_groups() -> (model, param groups)`` is needed only for
+    ZeRO-0 with half-precision weights (see ``_zero0_half_state``)."""
+    ckpt = Path(ckpt)
     if (ckpt / "model.pt").is_file():
         state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
     elif (ckpt / "deepspeed").is_dir():
@@ -239,7 +233,7 @@ def load_model_state(path: Union[str, os.PathLike]) -> Tuple[Config, Dict[str, t
                 raise CheckpointError(f"{ckpt / 'deepspeed'} has no mp_rank_*_model_states.pt")
             model_states = torch.load(files[0], map_location="cpu", weights_only=False)
             if isinstance(model_states.get("optimizer"), dict) and "fp32_groups" in model_states["optimizer"]:
-                state = _zero0_half_state(cfg, model_states)
+                state = _zero0_half_state(model_states, meta_param_groups)
             else:
                 state = model_states["module"]
         elif list((ckpt / "deepspeed").glob("bf16_zero_pp_rank_*_optim_states.pt")):
@@ -249,5 +243,4 @@ def load_model_state(path: Union[str, os.PathLike]) -> Tuple[Config, Dict[str, t
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
     else:
         raise CheckpointError(f"{ckpt} holds neither model.pt (torch mode) nor deepspeed/ (DeepSpeed mode)")
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    return cfg, state
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

@@ -36,7 +36,7 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Optional[Path]:
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "", loss_label: str = "loss") -> Optional[Path]:
     recs = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
     if not recs:
         return None
@@ -46,7 +46,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Opti
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1.2)
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("masked L1 loss")
+    ax.set_ylabel(loss_label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -61,8 +61,9 @@ class MetricsLogger:
     """Does nothing on ranks other than 0."""
 
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool,
-                 progress_bar, name: str = ""):
+                 progress_bar, name: str = "", loss_label: str = "loss"):
         self.enabled = enabled
+        self.loss_label = loss_label  # what the loss is, for the loss curve's axis
         self.output_dir = Path(output_dir)
         self.total_steps, self.name = total_steps, name
         self.jsonl = self.output_dir / "metrics.jsonl"

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, TrainConfig
+from ..errors import UserError
 
 __all__ = ["num_layers", "layer_id", "layer_scale", "is_no_decay", "param_groups", "build_adamw"]
 
@@ -81,9 +82,9 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Optional
     needed for layer_decay < 1 (it gives the depths).
     """
     if not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        raise UserError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if layer_decay < 1 and model_cfg is None:
-        raise ValueError("param_groups: layer_decay < 1 needs model_cfg (the encoder depths)")
+        raise UserError("param_groups: layer_decay < 1 needs model_cfg (the encoder depths)")
     if no_decay_names is None:
         no_decay_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     skip = {_strip(n) for n in no_decay_names}
@@ -95,12 +96,12 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Optional
         lid = layer_id(name, model_cfg) if layer_decay < 1 else None
         key = f"{'decay' if decay else 'no_decay'}" + (f"_layer{lid}" if lid is not None else "")
         if key not in groups:
-            scale = layer_decay ** (num_layers(model_cfg) + 1 - lid) if lid is not None else 1.0
+            scale = layer_scale(name, model_cfg, layer_decay) if lid is not None else 1.0
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
                            "group_name": key}
         groups[key]["params"].append(p)
     if not groups:
-        raise ValueError("param_groups: the model has no trainable parameters")
+        raise UserError("param_groups: the model has no trainable parameters")
     return list(groups.values())
 
 
@@ -115,11 +116,11 @@ def build_adamw(groups: List[Dict], train: TrainConfig, device: torch.device, im
     kw = dict(lr=train.base_lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
     if impl == "torch_fused":
         if device.type != "cuda":
-            raise ValueError("engine.optimizer 'torch_fused' needs CUDA; use 'auto' or 'torch_foreach' on the CPU")
+            raise UserError("engine.optimizer 'torch_fused' needs CUDA; use 'auto' or 'torch_foreach' on the CPU")
         return torch.optim.AdamW(groups, fused=True, **kw)
     if impl == "torch_foreach":
         return torch.optim.AdamW(groups, foreach=True, **kw)
     if impl == "deepspeed_fused":
         from deepspeed.ops.adam import FusedAdam
         return FusedAdam(groups, adam_w_mode=True, **kw)
-    raise ValueError(f"engine.optimizer {impl!r} is not one of auto, torch_fused, torch_foreach, deepspeed_fused")
+    raise UserError(f"engine.optimizer {impl!r} is not one of auto, torch_fused, torch_foreach, deepspeed_fused")

@@ -1,7 +1,7 @@
 """The training loop: schedule, accumulation, logging, non-finite losses, checkpoints and resume.
 
 Nothing here knows about SimMIM: the backend's ``loss_fn`` turns a batch into a loss, the loader
-yields batches with a resumable ``epoch(epoch, start_step)``, and the schedule maps a step to an lr.
+yields micro-batches with a resumable ``epoch(epoch, start_batch)``, and the schedule maps a step to an lr.
 
 Host syncs: losses stay on the device and are fetched once per ``print_every`` steps (one all-reduce
 for all ranks' losses), before each checkpoint and at the end, so the host can run ahead of the GPU.
@@ -20,6 +20,7 @@ import torch.distributed as torch_dist
 from .checkpoint import CheckpointManager, read_trainer_state, restore_rng
 from .metrics import MetricsLogger, plot_loss_curve
 from .schedule import LRSchedule
+from ..errors import UserError
 
 __all__ = ["TrainState", "Trainer", "NonFiniteLossError"]
 
@@ -54,7 +55,7 @@ class Trainer:
                  print_every: int, world_size: int, config, loss_curve: bool = True,
                  on_step: Optional[Callable[[TrainState], None]] = None):
         if steps_per_epoch < 1:
-            raise ValueError("steps_per_epoch must be >= 1")
+            raise UserError("steps_per_epoch must be >= 1")
         self.backend, self.loader, self.schedule = backend, loader, schedule
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
@@ -79,11 +80,11 @@ class Trainer:
         saved = st.get("engine", {})
         for key in ("mode", "zero_stage", "world_size", "accumulation_steps"):
             if key in saved and saved[key] != facts[key]:
-                raise ValueError(f"cannot resume from {ckpt_dir}: it was written with {key} = {saved[key]!r}, "
+                raise UserError(f"cannot resume from {ckpt_dir}: it was written with {key} = {saved[key]!r}, "
                                  f"this run has {facts[key]!r}; resume with the same engine.mode, "
                                  f"engine.zero_stage, number of ranks and batch sizes (or --resume none)")
         if st.get("steps_per_epoch") != self.steps_per_epoch:
-            raise ValueError(f"cannot resume from {ckpt_dir}: it has {st.get('steps_per_epoch')} steps per epoch, "
+            raise UserError(f"cannot resume from {ckpt_dir}: it has {st.get('steps_per_epoch')} steps per epoch, "
                              f"this run has {self.steps_per_epoch} (different dataset or batch size)")
         self.backend.read_state(ckpt_dir)
         rng = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
@@ -100,7 +101,7 @@ class Trainer:
         self._last_flush_time = time.perf_counter()
         while state.step < self.total_steps:
             micro_start = state.step_in_epoch * self.accumulation
-            batches = iter(self.loader.epoch(state.epoch, start_step=micro_start))
+            batches = iter(self.loader.epoch(state.epoch, start_batch=micro_start))
             while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
                 self._one_step(state, batches)
                 if state.step % self.print_every == 0:
@@ -125,7 +126,7 @@ class Trainer:
                 yield batch
             except StopIteration:
                 raise RuntimeError(f"the loader ended after {i} of {self.accumulation} micro-batches of a step; "
-                                   f"loader.steps_per_epoch must cover steps_per_epoch x accumulation") from None
+                                   f"loader.micro_batches_per_epoch must cover steps_per_epoch x accumulation") from None
 
     def _one_step(self, state: TrainState, batches: Iterator) -> None:
         lr = self.schedule(state.step)
@@ -209,6 +210,7 @@ class Trainer:
         self._last_saved_step = state.step
         self.logger.message(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
         if self.loss_curve and self.logger.enabled:
-            plot_loss_curve(self.logger.jsonl, self.logger.output_dir / "loss_curve.png", self.logger.name)
+            plot_loss_curve(self.logger.jsonl, self.logger.output_dir / "loss_curve.png", self.logger.name,
+                            self.logger.loss_label)
         # saving is not training: keep it out of the next img/s figure
         self._last_flush_time += time.perf_counter() - t0

@@ -6,7 +6,7 @@ prepended; the cls token is dropped at the output.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from timm.models.beit import Beit
@@ -26,6 +26,20 @@ def create_vit(cfg: ModelConfig) -> Beit:
         use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
 
 
+def vit_forward_tokens(encoder: Beit, x: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
+    """(B, L, C) patch tokens -> (B, 1 + L, C) after the cls token, the first ``num_blocks`` blocks
+    (all by default) with the shared relative position bias, and the final norm after the last block."""
+    x = torch.cat((encoder.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    x = encoder.pos_drop(x)
+    rel_pos_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
+    depth = len(encoder.blocks)
+    for blk in encoder.blocks[:num_blocks or depth]:
+        x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+    return encoder.norm(x) if (num_blocks or depth) == depth else x
+
+
 def vit_forward_masked(encoder: Beit, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
                        substitute: Callable) -> torch.Tensor:
     """(B, 3, H, W) images, (B, H/p, W/p) token mask -> (B, C, H/p, W/p) features."""
@@ -33,10 +47,5 @@ def vit_forward_masked(encoder: Beit, images: torch.Tensor, mask: torch.Tensor, 
     h, w = encoder.patch_embed.grid_size
     x = encoder.patch_embed(images)                              # (B, L, C)
     x = substitute(x, mask.reshape(b, -1), mask_token)
-    x = torch.cat((encoder.cls_token.expand(b, -1, -1).to(x.dtype), x), dim=1)
-    x = encoder.pos_drop(x)
-    rel_pos_bias = encoder.rel_pos_bias()
-    for blk in encoder.blocks:
-        x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-    x = encoder.norm(x)[:, 1:]
+    x = vit_forward_tokens(encoder, x)[:, 1:]
     return x.transpose(1, 2).reshape(b, -1, h, w)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
+from ..errors import UserError, MissingFileError
 
 __all__ = ["ArrayImageDataset", "eval_datasets", "FASHION_MNIST"]
 
@@ -46,7 +47,7 @@ def _subset(ds: Dataset, limit: Optional[int], seed: int) -> Dataset:
     if limit is None or limit >= len(ds):
         return ds
     if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise UserError(f"limit must be >= 1, got {limit}")
     idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit])
     return Subset(ds, idx.tolist())
 
@@ -67,7 +68,7 @@ def eval_datasets(data: str, img_size: int, mean: Sequence[float], std: Sequence
         from .images import center_view
         root = Path(data).expanduser()
         if not (root / "train").is_dir() or not (root / "val").is_dir():
-            raise FileNotFoundError(f"--data {root}: expected an ImageFolder root with train/ and val/ folders "
+            raise MissingFileError(f"--data {root}: expected an ImageFolder root with train/ and val/ folders "
                                     f"(one sub-folder per class in each), or 'fashion-mnist'")
 
         def transform(img):
@@ -75,6 +76,6 @@ def eval_datasets(data: str, img_size: int, mean: Sequence[float], std: Sequence
         train = datasets.ImageFolder(str(root / "train"), transform=transform)
         val = datasets.ImageFolder(str(root / "val"), transform=transform)
         if train.classes != val.classes:
-            raise ValueError(f"--data {root}: train/ and val/ have different class folders "
+            raise UserError(f"--data {root}: train/ and val/ have different class folders "
                              f"({len(train.classes)} vs {len(val.classes)})")
     return _subset(train, train_limit, seed), _subset(val, val_limit, seed + 1)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, config_to_dict
-
-from .source import user_errors
+from ..errors import UserError
+from ..weights import build_timm_model, load_source
 
 __all__ = ["encoder_state_dict", "timm_target", "build_timm_model", "convert_to_timm", "resize_rel_pos_table",
            "save_timm_weights", "KNOWN_TIMM_MODELS", "add_arguments", "main"]
@@ -68,7 +68,7 @@ def encoder_state_dict(simmim_state: Dict[str, torch.Tensor]) -> Dict[str, torch
     enc = {k[len("encoder."):]: v for k, v in simmim_state.items() if k.startswith("encoder.")}
     other = [k for k in simmim_state if not k.startswith("encoder.") and not k.startswith(_DROPPED)]
     if not enc or other:
-        raise ValueError(f"not a SimMIM state dict: {'no encoder.* keys' if not enc else f'unexpected keys {other[:4]}'}")
+        raise UserError(f"not a SimMIM state dict: {'no encoder.* keys' if not enc else f'unexpected keys {other[:4]}'}")
     return {k: v for k, v in enc.items() if not k.endswith(_BUFFERS)}
 
 
@@ -94,16 +94,16 @@ def timm_target(cfg: Config, model_name: Optional[str] = None, img_size: Optiona
         if known is not None and known["encoder"] == m.encoder:
             differ = {k: (v, known[k]) for k, v in arch.items() if known[k] != v}
             if differ:
-                raise ValueError(f"timm model {model_name!r} is not the pretrained architecture: "
+                raise UserError(f"timm model {model_name!r} is not the pretrained architecture: "
                                  + ", ".join(f"{k} {a} (checkpoint) vs {b}" for k, (a, b) in differ.items()))
         defaults = (dict(img_size=known["img_size"], window_size=known.get("window_size", m.window_size))
                     if known else dict(img_size=m.img_size, window_size=m.window_size))
     family = "swin" if model_name.startswith("swin") else "vit" if model_name.startswith("beit") else None
     if family != m.encoder:
-        raise ValueError(f"timm model {model_name!r} does not fit model.encoder {m.encoder!r}: use a "
+        raise UserError(f"timm model {model_name!r} does not fit model.encoder {m.encoder!r}: use a "
                          f"{'swin_*' if m.encoder == 'swin' else 'beit_*'} model")
     if vit_rel_pos not in ("per-block", "shared"):
-        raise ValueError(f"vit_rel_pos must be 'per-block' or 'shared', got {vit_rel_pos!r}")
+        raise UserError(f"vit_rel_pos must be 'per-block' or 'shared', got {vit_rel_pos!r}")
     target = dict(arch, img_size=img_size or defaults["img_size"], in_chans=m.in_chans, mlp_ratio=m.mlp_ratio)
     if m.encoder == "swin":
         target["window_size"] = window_size or defaults["window_size"]
@@ -127,14 +127,6 @@ def _architecture(m) -> Dict[str, Any]:
     return dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depths[0], num_heads=m.num_heads[0])
 
 
-def build_timm_model(model_name: str, kwargs: Dict[str, Any], num_classes: int = 0,
-                     device: str | torch.device = "meta") -> torch.nn.Module:
-    """The target timm model (by default on the meta device: shapes only, no memory, no init cost)."""
-    import timm
-    with torch.device(device):
-        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
-
-
 def resize_rel_pos_table(table: torch.Tensor, dst_rows: int, num_extra: int = 0) -> torch.Tensor:
     """Resize a ((2W-1)^2 + extra, heads) relative position bias table to ``dst_rows`` rows.
 
@@ -146,7 +138,7 @@ def resize_rel_pos_table(table: torch.Tensor, dst_rows: int, num_extra: int = 0)
     src, dst = rows - num_extra, dst_rows - num_extra
     s, d = round(src ** 0.5), round(dst ** 0.5)
     if s * s != src or d * d != dst:
-        raise ValueError(f"relative position table of {rows} rows ({num_extra} extra) -> {dst_rows} rows: "
+        raise UserError(f"relative position table of {rows} rows ({num_extra} extra) -> {dst_rows} rows: "
                          f"the grids must be square")
     grid, extra = table[:src], table[src:]
     if s != d:
@@ -178,19 +170,19 @@ def convert_to_timm(encoder_state: Dict[str, torch.Tensor], target: torch.nn.Mod
         v = encoder_state[src_key]
         if key.endswith("relative_position_bias_table") and v.shape != shape:
             if v.dim() != 2 or v.shape[1] != shape[1]:
-                raise ValueError(f"{key}: pretrained table {tuple(v.shape)} has {v.shape[1]} heads, target "
+                raise UserError(f"{key}: pretrained table {tuple(v.shape)} has {v.shape[1]} heads, target "
                                  f"{tuple(shape)} has {shape[1]}")
             extra = 3 if hasattr(target, "cls_token") else 0
             v = resize_rel_pos_table(v, shape[0], num_extra=extra)
         if v.shape != shape:
-            raise ValueError(f"{key}: pretrained {tuple(v.shape)} does not fit the target {tuple(shape)}; "
+            raise UserError(f"{key}: pretrained {tuple(v.shape)} does not fit the target {tuple(shape)}; "
                              f"does the timm model have the pretraining architecture?")
         out[key] = v.clone().contiguous()
         used.add(src_key)
     missing = [k for k in want if k not in out]
     unused = [k for k in encoder_state if k not in used]
     if missing or unused:
-        raise ValueError(f"encoder and timm model {type(target).__name__} differ: target keys with no pretrained "
+        raise UserError(f"encoder and timm model {type(target).__name__} differ: target keys with no pretrained "
                          f"tensor {missing[:6]}{' ...' if len(missing) > 6 else ''}; pretrained tensors with no "
                          f"place {unused[:6]}{' ...' if len(unused) > 6 else ''}")
     return out
@@ -221,8 +213,8 @@ def create_model_call(model_name: str, kwargs: Dict[str, Any], file: str | Path)
 # CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .source import add_source_arguments
-    add_source_arguments(parser)
+    from ..cli import add_weights_arguments
+    add_weights_arguments(parser)
     parser.add_argument("--output", "-o", required=True,
                         help="output path without suffix: writes OUTPUT.safetensors, OUTPUT.pth and OUTPUT.json")
     parser.add_argument("--model", help="timm model name to export for (default: the timm model of the "
@@ -238,9 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ViT: target pooling (default: the timm model's; avg -> norm is saved as fc_norm)")
 
 
-@user_errors
 def main(args: argparse.Namespace) -> int:
-    from .source import load_source
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     name, kwargs = timm_target(cfg, args.model, args.img_size, args.window_size, args.vit_rel_pos, args.vit_pool)
     target = build_timm_model(name, kwargs)

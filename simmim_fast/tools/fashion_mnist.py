@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+from ..errors import UserError, MissingFileError
 
 __all__ = ["DEFAULT_ROOT", "CLASSES", "fashion_mnist_root", "read_idx", "load_fashion_mnist", "write_image_folder"]
 
@@ -30,7 +31,7 @@ def _find(root: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
-    raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root}: install the Debian package "
+    raise MissingFileError(f"Fashion-MNIST file {stem}[.gz] not found in {root}: install the Debian package "
                             f"(apt-get install dataset-fashion-mnist) or set SIMMIM_FASHION_MNIST to the folder "
                             f"holding the four idx files")
 
@@ -42,25 +43,25 @@ def read_idx(path: str | Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise ValueError(f"{path} is not an idx file (bad magic {data[:4].hex()})")
+        raise UserError(f"{path} is not an idx file (bad magic {data[:4].hex()})")
     ndim = data[3]
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_DTYPES[data[2]])
     body = data[4 + 4 * ndim:]
     if len(body) != int(np.prod(dims)) * dtype.itemsize:
-        raise ValueError(f"{path}: header says {dims} x {dtype} but the file holds {len(body)} data bytes")
+        raise UserError(f"{path}: header says {dims} x {dtype} but the file holds {len(body)} data bytes")
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
 def load_fashion_mnist(split: str = "train", root: Optional[str | Path] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(images (N, 28, 28) uint8, labels (N,) int64) of the 'train' (60,000) or 'test' (10,000) split."""
     if split not in _FILES:
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        raise UserError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     r = fashion_mnist_root(root)
     images = read_idx(_find(r, _FILES[split][0]))
     labels = read_idx(_find(r, _FILES[split][1])).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"Fashion-MNIST {split} in {r}: images {images.shape} and labels {labels.shape} do not pair")
+        raise UserError(f"Fashion-MNIST {split} in {r}: images {images.shape} and labels {labels.shape} do not pair")
     return images, labels
 
 

@@ -15,6 +15,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from ..errors import UserError
+from ..models.vit import vit_forward_tokens
 
 __all__ = ["pooled_features", "extract_features", "feature_sets", "default_vit_block", "add_feature_arguments",
            "features_from_args"]
@@ -32,24 +34,14 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, block: Optio
     from timm.models.swin_transformer import SwinTransformer
     if isinstance(encoder, SwinTransformer):
         if block is not None:
-            raise ValueError("pooled_features: block is for ViT encoders; Swin features are the last stage's")
+            raise UserError("pooled_features: block is for ViT encoders; Swin features are the last stage's")
         return encoder.forward_features(images).mean(dim=(1, 2))
     if not isinstance(encoder, Beit):
         raise TypeError(f"pooled_features: expected a timm SwinTransformer or Beit encoder, got {type(encoder).__name__}")
     depth = len(encoder.blocks)
     if block is not None and not 1 <= block <= depth:
-        raise ValueError(f"pooled_features: block must be in [1, {depth}], got {block}")
-    x = encoder.patch_embed(images)
-    x = torch.cat((encoder.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-    if encoder.pos_embed is not None:
-        x = x + encoder.pos_embed
-    x = encoder.pos_drop(x)
-    shared = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
-    for blk in encoder.blocks[:block or depth]:
-        x = blk(x, shared_rel_pos_bias=shared)
-    if block is None or block == depth:
-        x = encoder.norm(x)
-    return x[:, 1:].mean(dim=1)
+        raise UserError(f"pooled_features: block must be in [1, {depth}], got {block}")
+    return vit_forward_tokens(encoder, encoder.patch_embed(images), block)[:, 1:].mean(dim=1)
 
 
 @torch.no_grad()
@@ -92,8 +84,8 @@ def feature_sets(encoder: torch.nn.Module, train: Dataset, val: Dataset, vit_blo
 # Shared CLI arguments of knn and linear-probe
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
-    from .source import add_source_arguments
-    add_source_arguments(parser)
+    from ..cli import add_weights_arguments
+    add_weights_arguments(parser)
     parser.add_argument("--data", default="fashion-mnist",
                         help="'fashion-mnist' (optionally 'fashion-mnist:/idx/folder') or an ImageFolder root "
                              "with train/ and val/ (default: fashion-mnist)")
@@ -112,7 +104,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
 
 def features_from_args(args: argparse.Namespace) -> Tuple[Dict[str, tuple], int]:
     from .eval_data import eval_datasets
-    from .source import build_simmim, load_source
+    from ..weights import build_simmim, load_source
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     torch.manual_seed(args.seed)
     model = build_simmim(cfg, None if args.random_init else state)

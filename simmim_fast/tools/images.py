@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from ..errors import MissingFileError
 
 __all__ = ["center_view", "load_image", "load_user_mask"]
 
@@ -28,7 +29,7 @@ def load_image(path: str | Path, size: int, mean: Sequence[float], std: Sequence
     """(3, size, size) normalised float tensor of the centre view of an image file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise MissingFileError(f"image not found: {path}")
     with Image.open(path) as im:
         img = im.convert("RGB")
     return TF.normalize(TF.to_tensor(center_view(img, size)), list(mean), list(std))
@@ -43,7 +44,7 @@ def load_user_mask(path: str | Path, size: int, image_size_of: str | Path | None
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mask image not found: {path}")
+        raise MissingFileError(f"mask image not found: {path}")
     with Image.open(path) as im:
         if im.mode in ("RGBA", "LA", "P"):
             rgba = im.convert("RGBA")

@@ -11,7 +11,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .source import user_errors
+from ..errors import UserError
 
 __all__ = ["knn_predict", "knn_top1", "add_arguments", "main"]
 
@@ -21,12 +21,12 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
     """(Q,) predicted classes for (Q, C) queries from (N, C) training features and (N,) labels."""
     if train_x.dim() != 2 or query_x.dim() != 2 or train_x.shape[1] != query_x.shape[1]:
-        raise ValueError(f"knn: features must be (N, C) and (Q, C), got {tuple(train_x.shape)} and "
+        raise UserError(f"knn: features must be (N, C) and (Q, C), got {tuple(train_x.shape)} and "
                          f"{tuple(query_x.shape)}")
     if train_y.shape != (train_x.shape[0],):
-        raise ValueError(f"knn: labels {tuple(train_y.shape)} do not pair with features {tuple(train_x.shape)}")
+        raise UserError(f"knn: labels {tuple(train_y.shape)} do not pair with features {tuple(train_x.shape)}")
     if not 1 <= k or not temperature > 0:
-        raise ValueError(f"knn: k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+        raise UserError(f"knn: k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     k = min(k, train_x.shape[0])
     train = F.normalize(train_x.float(), dim=1)
     preds = []
@@ -51,7 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
 
 
-@user_errors
 def main(args: argparse.Namespace) -> int:
     from .features import features_from_args
     sets, num_classes = features_from_args(args)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .source import user_errors
+from ..errors import UserError
 
 __all__ = ["LinearProbe", "train_linear_probe", "add_arguments", "main"]
 
@@ -30,10 +30,10 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
                        optimizer: str = "sgd", weight_decay: float = 0.0, seed: int = 0) -> float:
     """Train on (N, C) features and return the top-1 accuracy (percent) on the validation features."""
     if train_x.dim() != 2 or val_x.dim() != 2 or train_x.shape[1] != val_x.shape[1]:
-        raise ValueError(f"linear probe: features must be (N, C) and (M, C), got {tuple(train_x.shape)} and "
+        raise UserError(f"linear probe: features must be (N, C) and (M, C), got {tuple(train_x.shape)} and "
                          f"{tuple(val_x.shape)}")
     if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"linear probe: epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
+        raise UserError(f"linear probe: epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = LinearProbe(train_x.shape[1], num_classes)
@@ -42,7 +42,7 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     elif optimizer == "adamw":
         opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     else:
-        raise ValueError(f"linear probe: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        raise UserError(f"linear probe: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     n = train_x.shape[0]
     steps_per_epoch = max(1, n // batch_size)   # whole batches: BatchNorm needs more than one sample
     total = epochs * steps_per_epoch
@@ -76,7 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
 
 
-@user_errors
 def main(args: argparse.Namespace) -> int:
     from .features import features_from_args
     sets, num_classes = features_from_args(args)

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..masking import MaskGenerator
 from ..visualization import save_reconstruction_grid, snap_mask
 from .images import load_image, load_user_mask
-from .source import user_errors
 
 __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .source import add_source_arguments
-    add_source_arguments(parser)
+    from ..cli import add_weights_arguments
+    add_weights_arguments(parser)
     parser.add_argument("--images", nargs="+", help="image files (default: 4 sample photos of scikit-image)")
     parser.add_argument("--mask", nargs="+", help="user mask PNG(s), white = hide: one for all images or one per "
                                                   "image; snapped to mask patches (default: a random mask)")
@@ -36,21 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--combined", help="write one PNG with a row per image to this path instead")
 
 
-@user_errors
 def main(args: argparse.Namespace) -> int:
     from ..data.samples import sample_photo_paths
-    from .source import build_simmim, load_source
+    from ..weights import build_simmim, load_source
 
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     m = cfg.model
     image_paths = [Path(p) for p in (args.images or [str(p) for p in sample_photo_paths()[:4]])]
     masks = args.mask or []
     if masks and len(masks) not in (1, len(image_paths)):
-        raise SystemExit(f"--mask: give one mask for all images or one per image ({len(image_paths)}), "
+        raise UserError(f"--mask: give one mask for all images or one per image ({len(image_paths)}), "
                          f"got {len(masks)}")
     snap = args.snap_size or cfg.mask.mask_patch_size
     if snap % m.patch_size or m.img_size % snap:
-        raise SystemExit(f"--snap-size {snap} must be a multiple of model.patch_size ({m.patch_size}) and divide "
+        raise UserError(f"--snap-size {snap} must be a multiple of model.patch_size ({m.patch_size}) and divide "
                          f"model.img_size ({m.img_size})")
     images = torch.stack([load_image(p, m.img_size, cfg.data.mean, cfg.data.std) for p in image_paths])
     model = build_simmim(cfg, state)

@@ -5,7 +5,7 @@
 The classifier is the timm model of the fine-tuning config's ``model`` section (e.g. Swin-B at
 224 px, window 7, drop path 0.1) with ``finetune.num_classes`` outputs, initialised from the
 pretrained encoder as ``simmim-fast export`` converts it (tables interpolated, head fresh).
-Per the spec: layer-wise lr decay (``train.layer_decay``: Swin-B 100ep 0.9, 800ep 0.8, Swin-L
+As the SimMIM paper fine-tunes: layer-wise lr decay (``train.layer_decay``: Swin-B 100ep 0.9, 800ep 0.8, Swin-L
 0.7, ViT-B 0.65) through the engine's param groups, AdamW, warmup + cosine, label smoothing
 and mixup / cutmix (timm), RandAugment and random erasing for ImageFolder data (timm). The model
 is evaluated (top-1 on the val split) at the end of every epoch; the best one is kept as
@@ -25,9 +25,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import Config
-
-from .source import user_errors
+from ..cli import add_job_arguments
+from ..config import Config, load_config
+from ..engine import run as engine_run
+from ..engine.optim import param_groups
+from ..weights import build_timm_model, load_source
+from ..errors import UserError
 
 __all__ = ["FinetuneModel", "build_classifier", "FinetuneLoader", "build_mixup", "evaluate_top1", "BestKeeper",
            "finetune_datasets", "add_arguments", "main", "run"]
@@ -65,13 +68,13 @@ def build_classifier(cfg: Config, num_classes: int, pretrained: Optional[Tuple[C
 
     ``pretrained`` is (pretraining config, SimMIM state dict) or None (random init, e.g. a baseline).
     """
-    from .export import build_timm_model, convert_to_timm, encoder_state_dict, timm_target
+    from ..tools.export import convert_to_timm, encoder_state_dict, timm_target
     name, kwargs = timm_target(cfg)  # the fine-tuning model: its image size and window
     kwargs = dict(kwargs, drop_path_rate=cfg.model.drop_path_rate)
     if pretrained is not None:
         pre_cfg, state = pretrained
         if pre_cfg.model.encoder != cfg.model.encoder:
-            raise ValueError(f"pretrained encoder is {pre_cfg.model.encoder!r} but the fine-tuning config's "
+            raise UserError(f"pretrained encoder is {pre_cfg.model.encoder!r} but the fine-tuning config's "
                              f"model.encoder is {cfg.model.encoder!r}")
         weights = convert_to_timm(encoder_state_dict(state), build_timm_model(name, kwargs, num_classes))
     net = build_timm_model(name, kwargs, num_classes, device="cpu")
@@ -79,7 +82,7 @@ def build_classifier(cfg: Config, num_classes: int, pretrained: Optional[Tuple[C
         missing, unexpected = net.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:  # convert_to_timm checks this already; a second look costs nothing
-            raise ValueError(f"pretrained weights do not fit {name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise UserError(f"pretrained weights do not fit {name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return net, (name, kwargs)
 
 
@@ -95,10 +98,10 @@ def build_mixup(cfg: Config, num_classes: int):
 
 def finetune_datasets(cfg: Config):
     """(train, val) datasets: training augmentation (RandAugment, random erasing) for ImageFolder data."""
-    from .eval_data import FASHION_MNIST, eval_datasets
+    from ..tools.eval_data import FASHION_MNIST, eval_datasets
     ft, m = cfg.finetune, cfg.model
     if ft.data is None:
-        raise ValueError("config key 'finetune.data' is null: set it to 'fashion-mnist' or an ImageFolder root "
+        raise UserError("config key 'finetune.data' is null: set it to 'fashion-mnist' or an ImageFolder root "
                          "with train/ and val/ (e.g. --set finetune.data=/data/imagenet)")
     train, val = eval_datasets(ft.data, m.img_size, cfg.data.mean, cfg.data.std, ft.train_limit, ft.val_limit,
                                cfg.train.seed)
@@ -112,7 +115,7 @@ def finetune_datasets(cfg: Config):
 
 
 class FinetuneLoader:
-    """The engine's loader interface over a labelled dataset: ``epoch(epoch, start_step)`` yields
+    """The engine's loader interface over a labelled dataset: ``epoch(epoch, start_batch)`` yields
     (images, targets) on the device; order is a function of (seed, epoch, rank, world size), and
     mixup draws are seeded per (seed, epoch, step, rank), so a resumed epoch sees the same batches."""
 
@@ -121,21 +124,21 @@ class FinetuneLoader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.num_workers, self.mixup = num_workers, mixup
-        self.steps_per_epoch = (len(dataset) // world_size) // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"fine-tuning data has {len(dataset)} images, fewer than one batch per rank "
+        self.micro_batches_per_epoch = (len(dataset) // world_size) // batch_size
+        if self.micro_batches_per_epoch == 0:
+            raise UserError(f"fine-tuning data has {len(dataset)} images, fewer than one batch per rank "
                              f"(train.micro_batch_size {batch_size} x {world_size} ranks)")
         if mixup is not None and batch_size % 2:
-            raise ValueError(f"mixup/cutmix need an even train.micro_batch_size, got {batch_size}")
+            raise UserError(f"mixup/cutmix need an even train.micro_batch_size, got {batch_size}")
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
 
         from ..data import epoch_order
         order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world_size, self.batch_size)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order[start_step * self.batch_size:],
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order[start_batch * self.batch_size:],
                             num_workers=self.num_workers, drop_last=True, pin_memory=self.device.type == "cuda")
-        for step, (images, labels) in enumerate(loader, start=start_step):
+        for step, (images, labels) in enumerate(loader, start=start_batch):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.mixup is not None:
@@ -209,81 +212,66 @@ class BestKeeper:
 # --------------------------------------------------------------------------------------------
 # CLI
 
+LOSS_LABEL = "cross-entropy loss"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pretrained", help="pretraining output dir / checkpoint dir / SimMIM state-dict file, or "
                                            "'none' for random init (a baseline)")
-    parser.add_argument("--config", required=True, help="fine-tuning config JSON (model, train, engine, finetune)")
+    add_job_arguments(parser, config_help="fine-tuning config JSON (model, train, engine, finetune)")
     parser.add_argument("--pretrained-config", help="config of the pretrained weights when they carry none")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the fine-tuning config (repeatable)")
-    parser.add_argument("--output-dir", help="checkpoints, metrics, eval.jsonl and best/ (default runs/<name>)")
-    parser.add_argument("--resume", default="auto", help="'auto', 'none' or a checkpoint path (as train.py)")
     parser.add_argument("--workers", type=int, default=None, help="data workers (default data.num_workers)")
 
 
 def run(args: argparse.Namespace) -> Dict[str, float]:
     """Fine-tune; returns {'best_top1', 'last_top1'}."""
-    from ..config import config_to_dict, load_config
-    from ..engine.backends import build_backend
-    from ..engine.checkpoint import CheckpointManager, resolve_checkpoint
-    from ..engine.dist import barrier, init_distributed, shutdown
-    from ..engine.ds_config import resolve_precision
-    from ..engine.metrics import MetricsLogger
-    from ..engine.optim import param_groups
-    from ..engine.schedule import LRSchedule
-    from ..engine.trainer import Trainer
-    from .source import load_source
-
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.output_dir or Path("runs") / cfg.name).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
     pretrained = None if args.pretrained == "none" else load_source(args.pretrained, args.pretrained_config)
     train_set, val_set = finetune_datasets(cfg)
     base = getattr(train_set, "dataset", train_set)
     num_classes = cfg.finetune.num_classes or len(getattr(base, "classes", []))
     if not num_classes:
-        raise ValueError("cannot tell the number of classes of finetune.data: set finetune.num_classes")
-    resume_path = None
-    if args.resume == "auto":
-        resume_path = resolve_checkpoint(out / "checkpoints") if (out / "checkpoints" / "latest").is_file() else None
-    elif args.resume != "none":
-        resume_path = resolve_checkpoint(args.resume)
+        raise UserError("cannot tell the number of classes of finetune.data: set finetune.num_classes")
+    mixup = build_mixup(cfg, num_classes)
+    target = {}
 
-    dist = init_distributed(cfg.engine.mode, cfg.engine.dist_backend)
-    precision = resolve_precision(cfg, dist.device.type)
-    try:
-        torch.manual_seed(cfg.train.seed)
+    def build_model(ctx):
         net, (name, kwargs) = build_classifier(cfg, num_classes, pretrained)
-        mixup = build_mixup(cfg, num_classes)
+        target.update(name=name, kwargs=kwargs)
         model = FinetuneModel(net, cfg.finetune.label_smoothing, soft_targets=mixup is not None)
-        groups = param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model)
-        backend = build_backend(model, groups, cfg, dist, precision)
-        workers = cfg.data.num_workers if args.workers is None else args.workers
-        loader = FinetuneLoader(train_set, cfg.train.micro_batch_size, cfg.train.seed, dist.rank, dist.world_size,
-                                dist.device, workers, mixup)
-        steps_per_epoch = loader.steps_per_epoch // backend.accumulation
-        schedule = LRSchedule.from_config(cfg.train, steps_per_epoch)
-        total = cfg.train.epochs * steps_per_epoch
-        if cfg.train.max_steps is not None:
-            total = min(total, cfg.train.max_steps)
-        keeper = BestKeeper(out, name, {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
-                            num_classes)
-        results = {"best_top1": keeper.best, "last_top1": float("nan")}
-        if dist.is_main:
-            (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-            print(f"finetune {name} {kwargs} classes={num_classes} train={len(train_set)} val={len(val_set)} "
-                  f"steps/epoch={steps_per_epoch} total steps={total} layer_decay={cfg.train.layer_decay}", flush=True)
+        return model, param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay,
+                                   model_cfg=cfg.model)
 
-        def on_step(state) -> None:
-            if state.step_in_epoch != steps_per_epoch and state.step != total:
+    def build_loader(ctx):
+        workers = cfg.data.num_workers if args.workers is None else args.workers
+        return FinetuneLoader(train_set, cfg.train.micro_batch_size, cfg.train.seed, ctx.dist.rank,
+                              ctx.dist.world_size, ctx.dist.device, workers, mixup)
+
+    keeper: Optional[BestKeeper] = None
+    results = {"best_top1": -1.0, "last_top1": float("nan")}
+
+    def describe(ctx) -> str:
+        return (f"finetune {target['name']} {target['kwargs']} classes={num_classes} train={len(train_set)} "
+                f"val={len(val_set)} layer_decay={cfg.train.layer_decay}")
+
+    def on_step(ctx):
+        nonlocal keeper
+        dist = ctx.dist
+        keeper = BestKeeper(out, target["name"], {k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in target["kwargs"].items()}, num_classes)
+        results["best_top1"] = keeper.best
+
+        def evaluate(state) -> None:
+            if state.step_in_epoch != ctx.steps_per_epoch and state.step != ctx.total_steps:
                 return
-            module = backend.module.encoder
+            module = ctx.backend.module.encoder
             # ZeRO-3 fetches and releases parameters around each submodule's forward by itself; only
             # reading the full weights for best/ needs them gathered (all ranks enter, rank 0 writes).
             top1, n = evaluate_top1(module, val_set, cfg.finetune.eval_batch_size, dist.device, dist.rank,
                                     dist.world_size)
             improved = False
-            with _gathered(module, cfg):
+            with engine_run.gathered(module, cfg):
                 if dist.is_main:
                     improved = keeper.update(top1, state.step, state.epoch, module.state_dict)
             results["last_top1"], results["best_top1"] = top1, max(results["best_top1"], top1)
@@ -293,36 +281,15 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
                                         "best": keeper.best}) + "\n")
                 print(f"eval epoch {state.epoch} step {state.step}: top-1 {top1:.2f}% on {n} images"
                       f"{' (best so far, saved to ' + str(keeper.dir) + ')' if improved else ''}", flush=True)
+        return evaluate
 
-        checkpoints = CheckpointManager(out, dist.rank, cfg.checkpoint.keep_last, barrier)
-        checkpoints.clean_partial()
-        trainer = Trainer(backend=backend, loader=loader, schedule=schedule, steps_per_epoch=steps_per_epoch,
-                          epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
-                          global_batch_size=cfg.train.global_batch_size, nan_policy=cfg.train.nan_policy,
-                          max_skipped_steps=cfg.train.max_skipped_steps, checkpoints=checkpoints,
-                          checkpoint_every=cfg.checkpoint.every_steps, save_at_end=cfg.checkpoint.save_at_end,
-                          logger=MetricsLogger(out, False, total, 0, False, False), print_every=cfg.logging.print_every,
-                          world_size=dist.world_size, config=cfg, loss_curve=cfg.logging.loss_curve, on_step=on_step)
-        state = trainer.resume(resume_path, dist.rank) if resume_path is not None else None
-        trainer.logger = MetricsLogger(out, dist.is_main, total, state.step if state else 0, cfg.logging.tensorboard,
-                                       cfg.logging.progress_bar, cfg.name)
-        trainer.fit(state)
-        if dist.is_main:
-            print(f"done: best top-1 {keeper.best:.2f}% ({keeper.dir}), last {results['last_top1']:.2f}%", flush=True)
-    finally:
-        shutdown()
+    engine_run.run(cfg, out, resume_path, precision, build_model=build_model, build_loader=build_loader,
+                   loss_label=LOSS_LABEL, on_step=on_step, describe=describe)
+    if int(os.environ.get("RANK", 0)) == 0 and keeper is not None:
+        print(f"done: best top-1 {keeper.best:.2f}% ({keeper.dir}), last {results['last_top1']:.2f}%", flush=True)
     return results
 
 
-def _gathered(module: nn.Module, cfg: Config):
-    import contextlib
-    if cfg.engine.mode == "deepspeed" and cfg.engine.zero_stage == 3:
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(module.parameters()))
-    return contextlib.nullcontext()
-
-
-@user_errors
 def main(args: argparse.Namespace) -> int:
     run(args)
     return 0
