@@ -56,7 +56,7 @@ variant 45  --variant ds2 --compile
 variant 60  --variant ds3                         # compile 'auto' is off at ZeRO-3
 variant 40  --variant ds1                         # eager DeepSpeed vs eager yardstick
 variant 40  --variant ds2
-# the slow configuration: ZeRO-2 eager, foreach AdamW, DeepSpeed's default 5e8-element buckets
+# the slow configuration users reported: ZeRO-2 eager, foreach AdamW, DeepSpeed's default 5e8-element buckets
 variant 40  --variant ds2 --optimizer torch_foreach --set engine.reduce_bucket_size=500000000 --set engine.allgather_bucket_size=500000000
 variant 120 --variant ds1 --compile --bf16-weights
 variant 45  --variant ds2 --compile --set 'engine.deepspeed={"zero_optimization":{"contiguous_gradients":false}}'

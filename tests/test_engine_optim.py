@@ -1,4 +1,4 @@
-"""Param groups: the spec's no-decay rules and layer-wise lr decay ids for Swin and ViT."""
+"""Param groups: the official no-decay rules and layer-wise lr decay ids for Swin and ViT."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The lr schedule equals the spec's formulas at chosen steps."""
+"""The lr schedule equals the official SimMIM formulas at chosen steps."""
 import math
 
 import pytest

@@ -1,5 +1,5 @@
 """finetune: classifier init from SimMIM weights, loader, losses, evaluation, best-keeping;
-layer-wise lr decay of the engine's param groups against the spec's formula."""
+layer-wise lr decay of the engine's param groups against the paper's formula."""
 import json
 import math
 import re
@@ -99,7 +99,7 @@ def test_evaluate_top1_and_best_keeper(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer-wise lr decay: the engine's param groups against the spec, written out here independently.
+# Layer-wise lr decay: the engine's param groups against the paper's rule, written out here independently.
 
 def _spec_layer_id(name, encoder, depths):
     """The official SimMIM fine-tuning layer ids (get_swin_layer / get_vit_layer) on timm names:

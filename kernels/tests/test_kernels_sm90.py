@@ -4,7 +4,7 @@ kernels/tests/sm90_compile.py runs in a subprocess without TRITON_INTERPRET, rec
 code makes, specialises it as Triton's JIT would, and compiles it to PTX and a cubin (Triton's
 compiler and ptxas run without a GPU). The bandwidth-critical launches must use vector loads and
 stores (16-byte accesses where alignment allows); without them the kernels fall short of the
-memory bandwidth the issue's targets assume.
+memory bandwidth the speed targets assume.
 """
 import json
 import os

@@ -1,4 +1,4 @@
-"""AdamW parameter groups: the spec's no-decay rules and layer-wise lr decay (Swin and ViT).
+"""AdamW parameter groups: the official SimMIM no-decay rules and layer-wise lr decay (Swin and ViT).
 
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.9, model_cfg=cfg.model)
     opt = build_adamw(groups, cfg.train, device, impl="auto")
@@ -106,7 +106,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Optional
 
 
 def build_adamw(groups: List[Dict], train: TrainConfig, device: torch.device, impl: str = "auto"):
-    """AdamW with the spec's betas/eps; the lr is set per step by the schedule (times each group's lr_scale).
+    """AdamW with the official SimMIM betas/eps; the lr is set per step by the schedule (times each group's lr_scale).
 
     'auto' = torch's fused CUDA kernel on CUDA (one multi-tensor kernel, no JIT build; DeepSpeed's FusedAdam
     does the same work), foreach on the CPU.

@@ -1,4 +1,4 @@
-"""The learning-rate schedule of the spec, per optimiser step (official SimMIM semantics).
+"""The learning-rate schedule of the official SimMIM code, per optimiser step (official SimMIM semantics).
 
 lr, warmup lr and min lr are each scaled by global batch / 512 (global batch = images per optimiser
 step over all ranks and accumulation steps). Step s (0-based, the s-th optimiser update) uses
