@@ -94,7 +94,7 @@ def build_step(model: str, variant: str, batch: int, compile: bool, bf16_weights
     from simmim_fast.engine.backends import build_backend
     from simmim_fast.engine.dist import init_distributed
     from simmim_fast.engine.ds_config import resolve_precision
-    from simmim_fast.engine.optim import param_groups
+    from simmim_fast.weights import simmim_param_groups
     from simmim_fast.data import PretrainLoader
 
     path, model_overrides = MODELS[model]
@@ -108,7 +108,7 @@ def build_step(model: str, variant: str, batch: int, compile: bool, bf16_weights
     dist = init_distributed(mode, "auto")
     torch.manual_seed(0)
     net = SimMIM.from_config(cfg)
-    backend = build_backend(net, param_groups(net, cfg.train.weight_decay), cfg, dist,
+    backend = build_backend(net, simmim_param_groups(net, cfg), cfg, dist,
                             resolve_precision(cfg, dist.device.type))
     batches = PretrainLoader(cfg, dist.rank, dist.world_size, dist.device).epoch(0)
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
