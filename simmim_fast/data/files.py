@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from .samples import sample_photo_paths
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif", ".npy")
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "detect_layout"]
 

@@ -1,0 +1,123 @@
+"""Any channel count: 4-band uint16 TIFF and 1-channel PNG datasets through the torch backend, a
+short training whose loss falls, and a loss that reads every band."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim_fast import load_config
+from simmim_fast.config import ConfigError
+from simmim_fast.data.loader import PretrainLoader
+from simmim_fast.data.transforms import load_channels
+from simmim_fast.models import SimMIM
+
+tifffile = pytest.importorskip("tifffile")
+
+
+def _smooth(rng, h, w, c):
+    """Images with structure (smooth gradients + blobs) that a model can learn to inpaint."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    bands = [np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y) + rng.uniform(0, 6))
+             for _ in range(c)]
+    return (np.stack(bands, -1) + 1) / 2  # 0..1
+
+
+def make_tiff4(root: Path, n=8):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = (_smooth(rng, 72, 80, 4) * 65535).astype(np.uint16)
+        tifffile.imwrite(root / f"im{i}.tif", a, photometric="minisblack", planarconfig="contig")
+    return root
+
+
+def make_png1(root: Path, n=8):
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray((_smooth(rng, 70, 76, 1)[..., 0] * 255).astype(np.uint8), mode="L").save(root / f"g{i}.png")
+    return root
+
+
+def tiny_cfg(path, tmp_path, c, mean, std, **data):
+    import json
+    over = {"backend": "torch", "path": str(path), "num_workers": 0, "cache_dir": str(tmp_path / "cache"),
+            "mean": mean, "std": std}
+    over.update(data)
+    return load_config({"model": dict(encoder="swin", img_size=32, patch_size=4, in_chans=c, embed_dim=16,
+                                      depths=[1, 1], num_heads=[1, 2], window_size=4, drop_path_rate=0.0),
+                        "mask": {"mask_patch_size": 8, "mask_ratio": 0.6},
+                        "data": over,
+                        "train": {"micro_batch_size": 4, "global_batch_size": 4, "seed": 3}})
+
+
+def test_mean_std_length_must_match_in_chans():
+    with pytest.raises(ConfigError, match=r"data\.mean.*data\.std.*model\.in_chans = 4"):
+        load_config({"model": {"in_chans": 4}})
+    load_config({"model": {"in_chans": 1}, "data": {"mean": [0.5], "std": [0.25]}})
+    load_config({})  # ImageNet defaults for 3 channels
+
+
+def test_load_channels_scaling_and_axes(tmp_path):
+    a = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(5, 6, 4) * 500
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="minisblack", planarconfig="contig")
+    t = load_channels(tmp_path / "a.tif", 4)
+    assert t.shape == (4, 5, 6)
+    np.testing.assert_allclose(t.numpy(), np.moveaxis(a, -1, 0) / 65535.0, rtol=1e-6)
+    np.save(tmp_path / "b.npy", np.moveaxis(a, -1, 0).astype(np.float32))
+    assert torch.equal(load_channels(tmp_path / "b.npy", 4), torch.from_numpy(np.moveaxis(a, -1, 0).astype(np.float32)))
+    g = (np.arange(30).reshape(5, 6) * 8).astype(np.uint8)
+    Image.fromarray(g, mode="L").save(tmp_path / "g.png")
+    np.testing.assert_allclose(load_channels(tmp_path / "g.png", 1).numpy()[0], g / 255.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="4 channels, model.in_chans is 3|no axis of 3"):
+        load_channels(tmp_path / "a.tif", 3)
+
+
+@pytest.mark.parametrize("kind", ["tiff4", "png1"])
+def test_twenty_steps_loss_falls(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "tiff4":
+        path, c = make_tiff4(tmp_path / "d"), 4
+    else:
+        path, c = make_png1(tmp_path / "d"), 1
+    cfg = tiny_cfg(path, tmp_path, c, [0.5] * c, [0.35] * c)
+    loader = PretrainLoader(cfg, 0, 1, "cpu")
+    model = SimMIM.from_config(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    epoch = 0
+    while len(losses) < 20:
+        for images, mask in loader.epoch(epoch):
+            assert images.shape == (4, c, 32, 32)
+            loss = model(images, mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if len(losses) == 20:
+                break
+        epoch += 1
+    loader.close()
+    assert np.mean(losses[-5:]) < 0.97 * np.mean(losses[:5]), losses
+
+
+def test_loss_uses_every_band():
+    from simmim_fast.kernels import masked_l1_loss
+    torch.manual_seed(0)
+    b, c, s, p = 2, 4, 16, 4
+    target = torch.randn(b, c, s, s)
+    rec = torch.randn(b, c, s, s)
+    mask = torch.zeros(b, s // p, s // p)
+    mask[:, 0, 0] = 1
+    base = masked_l1_loss(rec, target, mask, p)
+    masked, visible = rec.clone(), rec.clone()
+    masked[0, 3, 1, 1] += 5.0      # band 4, a pixel inside the masked token (0, 0)
+    visible[0, 3, s - 1, s - 1] += 5.0  # band 4, a visible pixel
+    assert masked_l1_loss(masked, target, mask, p).item() != pytest.approx(base.item())
+    assert masked_l1_loss(visible, target, mask, p).item() == base.item()
+    # divided by C: the same per-pixel error over 4 bands as over 1 gives the same loss
+    one = masked_l1_loss(rec[:, :1], target[:, :1], mask, p)
+    rep = masked_l1_loss(rec[:, :1].repeat(1, c, 1, 1), target[:, :1].repeat(1, c, 1, 1), mask, p)
+    assert rep.item() == pytest.approx(one.item(), rel=1e-6)
