@@ -121,3 +121,28 @@ def test_loss_uses_every_band():
     one = masked_l1_loss(rec[:, :1], target[:, :1], mask, p)
     rep = masked_l1_loss(rec[:, :1].repeat(1, c, 1, 1), target[:, :1].repeat(1, c, 1, 1), mask, p)
     assert rep.item() == pytest.approx(one.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["tiff4", "png1"])
+def test_stats_equals_numpy(tmp_path, kind, capsys):
+    import json
+    from simmim_fast.cli import main
+    if kind == "tiff4":
+        path, c = make_tiff4(tmp_path / "d", n=5), 4
+        pix = [np.moveaxis(tifffile.imread(p), -1, 0).reshape(4, -1) / 65535.0 for p in sorted(path.iterdir())]
+    else:
+        path, c = make_png1(tmp_path / "d", n=5), 1
+        pix = [np.asarray(Image.open(p), np.float64).reshape(1, -1) / 255.0 for p in sorted(path.iterdir())]
+    (path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    allp = np.concatenate(pix, axis=1)
+    rc = main(["stats", str(path), "--in-chans", str(c), "--json", "--set", f"data.cache_dir=\"{tmp_path / 'c'}\""])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(out["mean"], allp.mean(1), atol=2e-6)
+    np.testing.assert_allclose(out["std"], allp.std(1), atol=2e-6)
+    assert out["files"] == 5 and out["skipped"] == 1
+    rc = main(["stats", str(path), "--in-chans", str(c), "--set", f"data.cache_dir=\"{tmp_path / 'c'}\""])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("--set data.mean=[") and " --set data.std=[" in line
+    sets = line.replace("--set ", "").split(" ")
+    load_config({"model": {"in_chans": c}}, overrides=sets)
