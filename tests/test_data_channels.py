@@ -146,3 +146,21 @@ def test_stats_equals_numpy(tmp_path, kind, capsys):
     assert line.startswith("--set data.mean=[") and " --set data.std=[" in line
     sets = line.replace("--set ", "").split(" ")
     load_config({"model": {"in_chans": c}}, overrides=sets)
+
+
+def test_visualize_grey_and_false_colour(tmp_path):
+    from simmim_fast.visualization import save_reconstruction_grid, to_uint8_rgb
+    x = torch.rand(2, 4, 8, 8)
+    mean, std = [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]
+    rgb = to_uint8_rgb(x, mean, std, bands=(3, 2, 1))
+    want = ((x[:, [3, 2, 1]] * torch.tensor([0.8, 0.7, 0.6]).view(1, 3, 1, 1)
+             + torch.tensor([0.4, 0.3, 0.2]).view(1, 3, 1, 1)).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)
+    assert np.array_equal(rgb, want.to(torch.uint8).numpy())
+    g = to_uint8_rgb(x[:, :1], [0.5], [0.25])
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    cfg = tiny_cfg(None, tmp_path, 4, mean, std)
+    model = SimMIM.from_config(cfg).eval()
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    out = save_reconstruction_grid(model, torch.randn(1, 4, 32, 32), mask, tmp_path / "g.png", mean, std)
+    assert Image.open(out).mode == "RGB"
