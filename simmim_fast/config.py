@@ -56,6 +56,10 @@ class ModelConfig:
     norm_targets: bool = _f(False, "SwinV2 recipe: normalise the reconstruction target by its local mean and "
                                    "variance over a norm_targets_window square window.")
     norm_targets_window: int = _f(47, "Odd window size (pixels) for norm_targets.")
+    init_weights: Optional[str] = _f(None, "Start the encoder from this timm state file (.safetensors/.pth: a timm "
+                                           "state_dict, an export or a SimMIM checkpoint model file); weights only "
+                                           "(--resume continues a run). null = random init.")
+    init_strict: bool = _f(False, "With model.init_weights: refuse any missing, unexpected or mismatched key.")
     ops_backend: Literal["auto", "triton", "torch"] = _f("auto", "Implementation of mask-token substitution and "
                                                                "the masked L1 loss: 'auto' (fused Triton kernels on "
                                                                "CUDA, reference elsewhere), 'triton' or 'torch'.")

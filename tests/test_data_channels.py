@@ -164,3 +164,30 @@ def test_visualize_grey_and_false_colour(tmp_path):
     mask[:, :4] = 1
     out = save_reconstruction_grid(model, torch.randn(1, 4, 32, 32), mask, tmp_path / "g.png", mean, std)
     assert Image.open(out).mode == "RGB"
+
+
+def test_init_weights_from_timm_file(tmp_path):
+    from safetensors.torch import save_file
+    from timm.models import adapt_input_conv
+    from simmim_fast.errors import UserError
+    torch.manual_seed(0)
+    src = SimMIM.from_config(tiny_cfg(None, tmp_path, 3, [0.5] * 3, [0.3] * 3)).encoder
+    state = {k: v.clone().contiguous() for k, v in src.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+
+    def cfg(c, **m):
+        base = tiny_cfg(None, tmp_path, c, [0.5] * c, [0.3] * c)
+        return load_config(base, overrides=[f"model.init_weights=\"{tmp_path / 'w.safetensors'}\""] +
+                           [f"model.{k}={str(v).lower()}" for k, v in m.items()])
+    enc = SimMIM.from_config(cfg(3, init_strict=True)).encoder
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    enc4 = SimMIM.from_config(cfg(4)).encoder
+    w = enc4.state_dict()["patch_embed.proj.weight"]
+    assert w.shape[1] == 4
+    assert torch.equal(w, adapt_input_conv(4, state["patch_embed.proj.weight"].clone()))
+    assert torch.allclose(w[:, 3], state["patch_embed.proj.weight"][:, 0] * 3 / 4)
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError, match="1 unexpected"):
+        SimMIM.from_config(cfg(3, init_strict=True))
