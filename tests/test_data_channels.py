@@ -191,3 +191,20 @@ def test_init_weights_from_timm_file(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     with pytest.raises(UserError, match="1 unexpected"):
         SimMIM.from_config(cfg(3, init_strict=True))
+
+
+def test_export_four_bands_loads_strictly_in_timm(tmp_path):
+    import timm
+    from simmim_fast.tools.export import build_timm_model, convert_to_timm, encoder_state_dict, timm_target
+    c = 4
+    cfg = load_config("configs/swin_b.json", overrides=["model.in_chans=4", "data.mean=[0.5,0.5,0.5,0.5]",
+                                                        "data.std=[0.2,0.2,0.2,0.2]"])
+    with torch.device("meta"):
+        state = SimMIM.from_config(cfg).state_dict()
+    name, kwargs = timm_target(cfg)
+    assert kwargs.get("in_chans") == c
+    weights = convert_to_timm(encoder_state_dict(state), build_timm_model(name, kwargs))
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    model.load_state_dict(weights, strict=True, assign=True)
+    assert model.patch_embed.proj.weight.shape[1] == c
