@@ -23,6 +23,7 @@ setup(
         "torchvision>=0.19",
         "numpy>=1.24",
         "Pillow>=9",
+        "tifffile>=2023.1",  # multi-band and 16-bit TIFF (satellite, microscopy) for in_chans != 3
         "scikit-image>=0.21",  # ships the sample photos of the embedded default dataset
         "matplotlib>=3.6",
         "tensorboard>=2.12",

@@ -30,6 +30,7 @@ COMMANDS = {
     "linear-probe": ("simmim_fast.tools.linear_probe", "linear classifier top-1 on frozen encoder features"),
     "visualize": ("simmim_fast.tools.visualize", "reconstruction PNGs for a checkpoint; inpaint a user mask"),
     "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
+    "stats": ("simmim_fast.data.stats", "per-channel mean/std of a dataset, as --set data.mean/data.std lines"),
 }
 
 

@@ -65,6 +65,10 @@ class ModelConfig:
     norm_targets: bool = _f(False, "SwinV2 recipe: normalise the reconstruction target by its local mean and "
                                    "variance over a norm_targets_window square window.")
     norm_targets_window: int = _f(47, "Odd window size (pixels) for norm_targets.")
+    init_weights: Optional[str] = _f(None, "Start the encoder from this timm state file (.safetensors/.pth: a timm "
+                                           "state_dict, an export or a SimMIM checkpoint model file); weights only "
+                                           "(--resume continues a run). null = random init.")
+    init_strict: bool = _f(False, "With model.init_weights: refuse any missing, unexpected or mismatched key.")
     ops_backend: Literal["auto", "triton", "torch"] = _f("auto", "Implementation of mask-token substitution and "
                                                                "the masked L1 loss: 'auto' (fused Triton kernels on "
                                                                "CUDA, reference elsewhere), 'triton' or 'torch'.")
@@ -128,8 +132,11 @@ class DataConfig:
     crop_scale: Tuple[float, float] = _f((0.67, 1.0), "RandomResizedCrop area fraction range.")
     crop_ratio: Tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect ratio range.")
     hflip_prob: float = _f(0.5, "Horizontal flip probability.")
-    mean: Tuple[float, float, float] = _f((0.485, 0.456, 0.406), "Normalisation mean (RGB, 0-1 scale).")
-    std: Tuple[float, float, float] = _f((0.229, 0.224, 0.225), "Normalisation std (RGB, 0-1 scale).")
+    mean: List[float] = _f([0.485, 0.456, 0.406], "Normalisation mean, one number per channel (model.in_chans), "
+                                                   "in the loaders' 0-1 value space; the default is ImageNet's "
+                                                   "RGB mean, so any in_chans other than 3 must set it.")
+    std: List[float] = _f([0.229, 0.224, 0.225], "Normalisation std, one number per channel (model.in_chans), "
+                                                  "0-1 value space; default ImageNet's RGB std.")
     output_dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", "Dtype of the images the loader yields (float16 comes straight out of DALI; bfloat16 is "
                    "cast on the device). Masks are always uint8.")
@@ -375,6 +382,10 @@ class Config:
             if dataclasses.is_dataclass(sub):
                 sub.validate()
         m = self.model
+        if len(self.data.mean) != m.in_chans or len(self.data.std) != m.in_chans:
+            _err("data.mean", list(self.data.mean),
+                 f"and data.std = {list(self.data.std)} must have model.in_chans = {m.in_chans} numbers each "
+                 f"(e.g. from `simmim-fast stats DATA`)")
         if m.img_size % self.mask.mask_patch_size:
             _err("model.img_size", m.img_size,
                  f"must be divisible by mask.mask_patch_size ({self.mask.mask_patch_size})")

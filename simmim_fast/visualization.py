@@ -162,11 +162,25 @@ def save_reconstruction_grid(model: torch.nn.Module, images: torch.Tensor, mask:
     return save_png_atomically(reconstruction_grid(model, images, mask, mean, std, **kwargs), path)
 
 
-def to_uint8_rgb(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(B, 3, H, W) normalised tensor -> (B, H, W, 3) uint8 RGB, de-normalised and clipped."""
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise UserError(f"to_uint8_rgb: expected (B, 3, H, W), got {tuple(x.shape)}")
-    m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
-    rgb = (x.detach().float().cpu() * s + m).clamp(0, 1)
+def to_uint8_rgb(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 bands: Optional[Sequence[int]] = None) -> np.ndarray:
+    """(B, C, H, W) normalised tensor -> (B, H, W, 3) uint8 RGB, de-normalised and clipped.
+
+    C = 3: the image. C = 1 (or 2, without ``bands``): band 0 as grey. More than 3 bands: a
+    false-colour composite of ``bands`` (0-based indices shown as red, green, blue; default the first
+    three), each band de-normalised with its own mean/std.
+    """
+    if x.dim() != 4:
+        raise UserError(f"to_uint8_rgb: expected (B, C, H, W), got {tuple(x.shape)}")
+    c = x.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise UserError(f"to_uint8_rgb: {c} channels but {len(mean)} mean / {len(std)} std values")
+    if bands is None:
+        bands = (0, 1, 2) if c >= 3 else (0, 0, 0)
+    bands = [int(b) for b in bands]
+    if len(bands) != 3 or not all(0 <= b < c for b in bands):
+        raise UserError(f"to_uint8_rgb: bands {bands} must be 3 indices in [0, {c})")
+    m = torch.tensor([float(mean[b]) for b in bands], dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor([float(std[b]) for b in bands], dtype=torch.float32).view(1, 3, 1, 1)
+    rgb = (x.detach().float().cpu()[:, bands] * s + m).clamp(0, 1)
     return (rgb * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

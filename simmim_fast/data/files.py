@@ -7,7 +7,7 @@ from typing import List, Optional
 from .samples import sample_photo_paths
 from ..errors import UserError, MissingFileError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif", ".npy")
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "detect_layout"]
 

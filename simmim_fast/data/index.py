@@ -62,6 +62,33 @@ def _describe_mode(fmt: str, mode: str, head: bytes) -> str:
             "I;16B": "16-bit greyscale", "I": "32-bit integer", "F": "floating point"}.get(mode, "")
 
 
+def _array_header(path: Path) -> Optional[FileCheck]:
+    """Size of a file PIL cannot open but tifffile (multi-band TIFF) or numpy (.npy) can; None if neither.
+
+    The channel axis is taken as the shortest one here (the loader picks it from model.in_chans)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            what = ".npy array"
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+            with tifffile.TiffFile(path) as t:
+                page = t.pages[0]
+                h, w = int(page.imagelength), int(page.imagewidth)
+            return FileCheck(w, h, CONVERT, "", f"multi-band TIFF {page.shape} {page.dtype} (torch backend only)")
+        else:
+            return None
+    except Exception as e:  # noqa: BLE001
+        return FileCheck(reason=f"unreadable array header: {type(e).__name__}: {e}")
+    if len(shape) == 2:
+        h, w = shape
+    elif len(shape) == 3:
+        h, w = shape[:2] if shape[-1] <= shape[0] else shape[1:]
+    else:
+        return FileCheck(reason=f"array of shape {tuple(shape)} is not (H, W), (H, W, C) or (C, H, W)")
+    return FileCheck(int(w), int(h), CONVERT, "", f"{what} {tuple(shape)} (torch backend only)")
+
+
 def check_image_file(path: str | os.PathLike, check: str = "header") -> FileCheck:
     """Check one file (never raises for a bad file: the reason is in the result)."""
     from PIL import Image, UnidentifiedImageError
@@ -79,6 +106,9 @@ def check_image_file(path: str | os.PathLike, check: str = "header") -> FileChec
             fmt, mode, (w, h) = im.format or "", im.mode, im.size
             frames = getattr(im, "n_frames", 1)
     except UnidentifiedImageError:
+        arr = _array_header(path)  # multi-band / 16-bit TIFF and .npy arrays: read by the torch backend
+        if arr is not None:
+            return arr
         return FileCheck(reason="not an image (no known image format)")
     except Exception as e:  # noqa: BLE001 - any failure to read the header makes the file unusable
         return FileCheck(reason=f"unreadable header: {type(e).__name__}: {e}")

@@ -85,6 +85,10 @@ class PretrainLoader:
             self.micro_batches_per_epoch = (self.num_samples // world_size) // self.batch_size
             self._check_steps(f"data.synthetic_samples = {d.synthetic_samples}")
             return
+        if d.backend in ("dali", "dali_cpu") and m.in_chans != 3:
+            from ..errors import UserError
+            raise UserError(f"data.backend '{d.backend}' decodes 3-channel RGB only; model.in_chans = {m.in_chans} "
+                            f"needs data.backend 'torch' (--set data.backend=torch)")
         if d.backend in ("dali", "dali_cpu"):
             from .dali_loader import import_dali
             import_dali()  # fail now, naming the missing package, not after the file check
@@ -97,7 +101,7 @@ class PretrainLoader:
         if d.backend == "torch":
             from .torch_loader import TorchDataBackend
             self.backend = TorchDataBackend(self.planner, self.size, d.num_workers,
-                                        pin_memory=self.device.type == "cuda")
+                                            pin_memory=self.device.type == "cuda", in_chans=m.in_chans)
         else:
             from .dali_loader import DaliDataBackend
             self.backend = DaliDataBackend(self.planner, self.size, gpu=d.backend == "dali", device=self.device,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .index import FileResolver, ImageIndex
 from .plan import Planner
-from .transforms import apply_view, load_rgb
+from .transforms import apply_view, apply_view_tensor, load_channels, load_rgb
 from .views import sample_views
 
 __all__ = ["PretrainImageDataset", "TorchDataBackend"]
@@ -23,12 +23,13 @@ __all__ = ["PretrainImageDataset", "TorchDataBackend"]
 
 class PretrainImageDataset(Dataset):
     def __init__(self, index: ImageIndex, resolver: FileResolver, seed: int, size: int, scale, ratio,
-                 hflip_prob: float, mean, std):
+                 hflip_prob: float, mean, std, in_chans: int = 3):
         self.paths = index.paths
         self.resolver = resolver
         self.seed, self.size = seed, size
         self.scale, self.ratio, self.hflip_prob = tuple(scale), tuple(ratio), hflip_prob
         self.mean, self.std = list(mean), list(std)
+        self.in_chans = in_chans
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,16 +39,19 @@ class PretrainImageDataset(Dataset):
         failures: List[Tuple[int, str]] = []
         while True:
             try:
-                img = load_rgb(self.paths[file])
+                # 3 channels: the RGB path every backend shares; other counts: kept as stored
+                img = load_rgb(self.paths[file]) if self.in_chans == 3 else load_channels(self.paths[file],
+                                                                                          self.in_chans)
                 break
             except Exception as e:  # noqa: BLE001 - any decode failure: skip the file, count it
                 reason = f"decode failed (PIL): {type(e).__name__}: {e}"
                 failures.append((file, reason))
                 self.resolver.mark_bad(file, reason)
                 file = self.resolver.stand_in(file)
-        view = sample_views(self.seed, epoch, [slot], [img.width], [img.height], self.scale, self.ratio,
-                            self.hflip_prob)[0]
-        return apply_view(img, view, self.size, self.mean, self.std), file, failures
+        w, h = (img.width, img.height) if self.in_chans == 3 else (img.shape[-1], img.shape[-2])
+        view = sample_views(self.seed, epoch, [slot], [w], [h], self.scale, self.ratio, self.hflip_prob)[0]
+        apply = apply_view if self.in_chans == 3 else apply_view_tensor
+        return apply(img, view, self.size, self.mean, self.std), file, failures
 
 
 def _collate(items):
@@ -58,11 +62,11 @@ def _collate(items):
 
 
 class TorchDataBackend:
-    def __init__(self, planner: Planner, size: int, num_workers: int, pin_memory: bool):
+    def __init__(self, planner: Planner, size: int, num_workers: int, pin_memory: bool, in_chans: int = 3):
         d = planner.data
         self.planner = planner
         self.dataset = PretrainImageDataset(planner.index, planner.resolver, planner.seed, size, d.crop_scale,
-                                            d.crop_ratio, d.hflip_prob, d.mean, d.std)
+                                            d.crop_ratio, d.hflip_prob, d.mean, d.std, in_chans)
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def run(self, epoch: int, steps: Sequence[int]) -> Iterator[Tuple[int, torch.Tensor, np.ndarray]]:

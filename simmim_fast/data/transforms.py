@@ -47,3 +47,64 @@ def apply_view(img: Image.Image, view: Tuple[int, int, int, int, bool], size: in
     if flip:
         img = TF.hflip(img)
     return TF.normalize(TF.to_tensor(img), list(mean), list(std))
+
+
+def to_unit(a: np.ndarray) -> np.ndarray:
+    """Pixel values to float32 in the 0-1 value space: uint8 / 255, uint16 / 65535, floats as stored."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if a.dtype.kind == "f":
+        return a.astype(np.float32)
+    raise ValueError(f"pixel type {a.dtype} is not uint8, uint16 or float")
+
+
+def load_channels(path: str | Path, channels: int) -> torch.Tensor:
+    """Decode a file as a (C, H, W) float32 tensor in 0-1 with exactly ``channels`` channels.
+
+    For in_chans other than 3: greyscale (8- or 16-bit) PNG/TIFF stay 1 channel; ``.npy`` arrays
+    are (H, W, C) or (C, H, W), the channel axis being the one of length ``channels``. A file with
+    another channel count raises ValueError with the counts (the loaders skip it, naming the reason):
+    it is never cropped or padded to fit.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix in (".npy", ".tif", ".tiff"):
+        if suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+        else:
+            import tifffile  # PIL reads neither multi-band nor most 16-bit multi-sample TIFFs
+            a = tifffile.imread(path)
+        if a.ndim == 2:
+            a = a[None]
+        elif a.ndim == 3 and a.shape[0] == channels:
+            pass
+        elif a.ndim == 3 and a.shape[-1] == channels:
+            a = np.moveaxis(a, -1, 0)
+        else:
+            raise ValueError(f"array of shape {a.shape} has no axis of {channels} channels")
+    else:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("L", "F"):
+                a = np.asarray(im)
+                if a.dtype.kind in "iu" and a.dtype != np.uint8:  # 16-bit modes may arrive as int32
+                    a = a.astype(np.uint16)
+                a = a[None]
+            else:
+                a = np.moveaxis(np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im), -1, 0)
+    if a.shape[0] != channels:
+        raise ValueError(f"{a.shape[0]} channels, model.in_chans is {channels}")
+    return torch.from_numpy(np.ascontiguousarray(to_unit(a)))
+
+
+def apply_view_tensor(img: torch.Tensor, view: Tuple[int, int, int, int, bool], size: int,
+                      mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """apply_view for a (C, H, W) float tensor of any C: the same crop, bilinear antialiased resize and
+    flip on every band alike, then per-channel normalisation."""
+    top, left, h, w, flip = view
+    img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
+                          antialias=True)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(img, list(mean), list(std))

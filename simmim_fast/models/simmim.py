@@ -67,6 +67,9 @@ class SimMIM(nn.Module):
         self.head = nn.Sequential(
             nn.Conv2d(self.encoder.num_features, self.encoder_stride ** 2 * cfg.in_chans, kernel_size=1),
             nn.PixelShuffle(self.encoder_stride))
+        if cfg.init_weights:
+            from .init_weights import load_init_weights
+            load_init_weights(self.encoder, cfg.init_weights, cfg.init_strict)
 
     @classmethod
     def from_config(cls, cfg: Union[Config, ModelConfig]) -> "SimMIM":
