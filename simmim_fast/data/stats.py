@@ -70,7 +70,7 @@ def _config_in_chans(config: Optional[str], sets: List[str]) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     from ..errors import UserError
     from .index import BAD
     from .loader import load_index
@@ -83,10 +83,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + [f"model.in_chans={c}", f"data.mean={[0.0] * c}", f"data.std={[1.0] * c}"]
     if args.path is not None:
         overrides.append(f"data.path={json.dumps(args.path)}")
-    try:
-        cfg = load_config(args.config, overrides=overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+    cfg = load_config(args.config, overrides=overrides)
     index = load_index(cfg, processes=True)
     ok = [i for i in range(len(index)) if index.status[i] != BAD]
     skipped = len(index) - len(ok)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 from ..cli import add_job_arguments
 from ..config import load_config
