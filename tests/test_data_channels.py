@@ -42,7 +42,6 @@ def make_png1(root: Path, n=8):
 
 
 def tiny_cfg(path, tmp_path, c, mean, std, **data):
-    import json
     over = {"backend": "torch", "path": str(path), "num_workers": 0, "cache_dir": str(tmp_path / "cache"),
             "mean": mean, "std": std}
     over.update(data)

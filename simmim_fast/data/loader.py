@@ -86,7 +86,6 @@ class PretrainLoader:
             self._check_steps(f"data.synthetic_samples = {d.synthetic_samples}")
             return
         if d.backend in ("dali", "dali_cpu") and m.in_chans != 3:
-            from ..errors import UserError
             raise UserError(f"data.backend '{d.backend}' decodes 3-channel RGB only; model.in_chans = {m.in_chans} "
                             f"needs data.backend 'torch' (--set data.backend=torch)")
         if d.backend in ("dali", "dali_cpu"):

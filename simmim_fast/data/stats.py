@@ -18,13 +18,20 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+from torchvision.transforms import functional as TF
+
+from ..cli import add_config_arguments
+from ..config import load_config
+from ..errors import UserError
+from .index import BAD
+from .loader import load_index
+from .transforms import load_channels, load_rgb
 
 __all__ = ["add_arguments", "main", "channel_stats"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", help="dataset (default: data.path of --config)")
-    from ..cli import add_config_arguments
     add_config_arguments(parser, help="config file whose data and model sections give the defaults")
     parser.add_argument("--in-chans", type=int, help="channels per image (default: model.in_chans of the config)")
     parser.add_argument("--limit", type=int, help="use a seeded random sample of this many files")
@@ -34,11 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def channel_stats(paths, in_chans: int):
     """(mean, std, pixels, failures) per channel over every pixel of ``paths`` (population std)."""
-    from PIL import Image  # noqa: F401 - decoders below
-    from torchvision.transforms import functional as TF
-
-    from .transforms import load_channels, load_rgb
-
     s1 = np.zeros(in_chans, np.float64)
     s2 = np.zeros(in_chans, np.float64)
     n = 0
@@ -70,11 +72,6 @@ def _config_in_chans(config: Optional[str], sets: List[str]) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..errors import UserError
-    from .index import BAD
-    from .loader import load_index
-
     c = args.in_chans if args.in_chans is not None else _config_in_chans(args.config, args.overrides)
     if c < 1:
         raise UserError(f"--in-chans must be >= 1, got {c}")
