@@ -95,7 +95,7 @@ def test_backends_agree(mixed, tmp_path):
         assert torch.equal(tm, dm)
         per_image = (ti - di).abs().flatten(1).mean(1)
         assert per_image.max() < 0.02, (step, per_image)
-    skipped = [[(r["step"], r["path"], r["stand_in"]) for r in loader.stats()["epochs"][3]["files"]]
+    skipped = [[(r["batch"], r["path"], r["stand_in"]) for r in loader.stats()["epochs"][3]["files"]]
                for loader in (tl, dl)]
     assert skipped[0] == skipped[1] and len(skipped[0]) == 5
 
@@ -141,7 +141,7 @@ def test_bad_files_skipped_counted_and_logged(backend, workers, mixed, tmp_path,
     assert "epoch 1 rank 0 (whole epoch): 5 undecodable files skipped" in caplog.text
     assert "3 of 28 files cannot be used" in caplog.text  # the index knew 3; decoding found 2 more
     log = (tmp_path / "run" / "data_skipped_rank0.tsv").read_text().splitlines()
-    assert log[0].startswith("epoch\tstep\tpath") and len(log) == 1 + 2 * 5
+    assert log[0].startswith("epoch\tbatch\tpath") and len(log) == 1 + 2 * 5
     assert len((tmp_path / "run" / "data_bad_files.tsv").read_text().splitlines()) == 1 + 3
     resumed, _ = _epoch(cfg, epoch=1, start_batch=3)  # a fresh loader finds the same bad files, same batches
     assert all(torch.equal(a, b) for a, b in zip(batches[3:], (x for x, _ in resumed)))

@@ -80,13 +80,13 @@ def test_deepspeed_config_is_derived():
     z = ds["zero_optimization"]
     assert z["stage"] == 2 and z["reduce_bucket_size"] == 123 and z["overlap_comm"] is True
     assert z["contiguous_gradients"] is True and "optimizer" not in ds and "scheduler" not in ds
-    assert ds["bf16"]["enabled"] is False and uses_autocast(cfg, "bf16")  # fp32 weights + autocast by default
+    assert ds["bf16"]["enabled"] is False and uses_autocast("bf16")  # fp32 weights + autocast by default
     one = deepspeed_config(cfg, world_size=1, precision="bf16")
     assert one["zero_optimization"]["overlap_comm"] is False and one["gradient_accumulation_steps"] == 16
     w = load_config(ROOT / "configs/swin_l.json", overrides=["engine.bf16_weights=true", "engine.zero_stage=1"])
     dsw = deepspeed_config(w, world_size=16, precision="bf16")
     assert dsw["bf16"]["enabled"] is True and dsw["data_types"]["grad_accum_dtype"] == "fp32"
-    assert uses_autocast(w, "bf16") and not uses_autocast(w, "fp32")
+    assert uses_autocast("bf16") and not uses_autocast("fp32")
     assert dsw["gradient_clipping"] == 5.0 and json.dumps(dsw)
     assert resolve_precision(cfg, "cpu") == "bf16" and resolve_precision(load_config(None), "cpu") == "fp32"
     assert resolve_precision(load_config(None), "cuda") == "bf16"

@@ -165,7 +165,7 @@ class PretrainLoader:
         return self._epoch(epoch, start_batch)
 
     def _epoch(self, epoch: int, start_batch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        record = self._epochs[epoch] = {"skipped": 0, "files": [], "start_batch": start_batch, "steps": 0}
+        record = self._epochs[epoch] = {"skipped": 0, "files": [], "start_batch": start_batch, "batches": 0}
         steps = range(start_batch, self.micro_batches_per_epoch)
         batches = (self._synthetic(epoch, steps) if self.backend is None else self.backend.run(epoch, steps))
         try:
@@ -177,7 +177,7 @@ class PretrainLoader:
                         images = images.to(self.dtype)
                     g = self.mask_rng(epoch, step)
                     mask = self.masks(images.shape[0], device=g.device, generator=g).to(self.device, non_blocking=True)
-                    record["steps"] += 1
+                    record["batches"] += 1
                     yield images, mask
         finally:
             self._summarise(epoch, record)
@@ -195,15 +195,15 @@ class PretrainLoader:
         for j in np.flatnonzero(files != slots):
             slot, file = int(slots[j]), int(files[j])
             record["skipped"] += 1
-            record["files"].append({"step": step, "path": str(self.index.paths[slot]),
+            record["files"].append({"batch": step, "path": str(self.index.paths[slot]),
                                     "reason": self.planner.resolver.reasons.get(slot, "unusable"),
                                     "stand_in": str(self.index.paths[file])})
 
     def _summarise(self, epoch: int, record: Dict[str, Any]) -> None:
         if self.backend is None:
             return
-        done = record["start_batch"] + record["steps"]
-        span = (f"steps {record['start_batch']}-{done - 1}" if done < self.micro_batches_per_epoch or record["start_batch"]
+        done = record["start_batch"] + record["batches"]
+        span = (f"batches {record['start_batch']}-{done - 1}" if done < self.micro_batches_per_epoch or record["start_batch"]
                 else "whole epoch")
         if not record["skipped"]:
             log.debug("data: epoch %d rank %d (%s): no files skipped", epoch, self.rank, span)
@@ -215,9 +215,9 @@ class PretrainLoader:
             new = not path.exists()
             with open(path, "a") as f:
                 if new:
-                    f.write("epoch\tstep\tpath\treason\tstand_in\n")
+                    f.write("epoch\tbatch\tpath\treason\tstand_in\n")
                 for r in record["files"]:
-                    f.write(f"{epoch}\t{r['step']}\t{r['path']}\t{r['reason']}\t{r['stand_in']}\n")
+                    f.write(f"{epoch}\t{r['batch']}\t{r['path']}\t{r['reason']}\t{r['stand_in']}\n")
             where = f"; names in {path}"
         log.warning("data: epoch %d rank %d (%s): %d undecodable files skipped, their slots read stand-ins%s",
                     epoch, self.rank, span, record["skipped"], where)
@@ -229,7 +229,7 @@ class PretrainLoader:
                 "unusable_files": bad,
                 "converted_files": int((self.index.status == CONVERT).sum()) if self.index is not None else 0,
                 "epochs": {e: {"skipped": r["skipped"], "files": list(r["files"]), "start_batch": r["start_batch"],
-                               "steps": r["steps"]} for e, r in self._epochs.items()}}
+                               "batches": r["batches"]} for e, r in self._epochs.items()}}
 
     def close(self) -> None:
         if self.backend is not None:

@@ -67,7 +67,7 @@ class DeepSpeedBackend:
         self.cfg, self.dist, self.precision, self.loss_fn = cfg, dist, precision, loss_fn
         self.ds_config = deepspeed_config(cfg, dist.world_size, precision)
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
-        self.autocast_dtype = _dtype(precision) if uses_autocast(cfg, precision) else None
+        self.autocast_dtype = _dtype(precision) if uses_autocast(precision) else None
         optimizer = build_adamw(groups, cfg.train, dist.device, cfg.engine.optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.to(dist.device), optimizer=optimizer, config=self.ds_config, dist_init_required=False)

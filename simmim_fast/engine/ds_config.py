@@ -23,7 +23,7 @@ def resolve_precision(cfg: Config, device_type: str) -> str:
     return p
 
 
-def uses_autocast(cfg: Config, precision: str) -> bool:
+def uses_autocast(precision: str) -> bool:
     """Autocast runs around the forward for bf16 and fp16, also when DeepSpeed holds half-precision weights:
     then autocast's weight casts are no-ops, the fp32 input images stay fp32 as the loss target, and
     LayerNorm/softmax/loss still run in fp32 as they do with fp32 weights."""
