@@ -61,7 +61,10 @@ class ModelConfig:
     drop_path_rate: float = _f(0.0, "Stochastic depth rate (0.0 for Swin pretraining, 0.1 for ViT-B).")
     layer_scale_init: float = _f(0.1, "ViT only: layer scale init value (0 disables layer scale).")
     mask_token_init: Literal["trunc_normal", "zeros"] = _f("trunc_normal", "Mask token init: truncated normal "
-                                                                            "std 0.02, or zeros.")
+                                                                            "std 0.02 (Swin: cut at +-2 absolute, "
+                                                                            "as the official Swin; ViT: cut at "
+                                                                            "+-0.02, as the official ViT), or "
+                                                                            "zeros.")
     norm_targets: bool = _f(False, "SwinV2 recipe: normalise the reconstruction target by its local mean and "
                                    "variance over a norm_targets_window square window.")
     norm_targets_window: int = _f(47, "Odd window size (pixels) for norm_targets.")

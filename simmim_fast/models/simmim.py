@@ -17,7 +17,7 @@ from simmim_fast.kernels import masked_l1_loss, mask_token_substitute
 
 from ..config import Config, ModelConfig
 from .swin import create_swin, swin_forward_masked
-from .vit import create_vit, vit_forward_masked
+from .vit import create_vit, init_vit_official, official_trunc_normal_, vit_forward_masked
 
 __all__ = ["SimMIM", "normalize_targets", "denormalize_targets", "local_stats"]
 
@@ -60,10 +60,14 @@ class SimMIM(nn.Module):
             self._forward_masked = swin_forward_masked
         else:
             self.encoder = create_vit(cfg)
+            init_vit_official(self.encoder, cfg.layer_scale_init)
             self._forward_masked = vit_forward_masked
         self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
         if cfg.mask_token_init == "trunc_normal":
-            trunc_normal_(self.mask_token, mean=0.0, std=0.02)
+            if cfg.encoder == "vit":  # VisionTransformerForSimMIM: cut at +-1 std
+                official_trunc_normal_(self.mask_token.data)
+            else:  # SwinTransformerForSimMIM: timm's default cut (+-2 absolute)
+                trunc_normal_(self.mask_token, mean=0.0, std=0.02)
         self.head = nn.Sequential(
             nn.Conv2d(self.encoder.num_features, self.encoder_stride ** 2 * cfg.in_chans, kernel_size=1),
             nn.PixelShuffle(self.encoder_stride))
