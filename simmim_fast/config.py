@@ -213,6 +213,11 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = _f("stop", "On a non-finite loss: 'stop' (error, nothing corrupt is "
                                                      "saved) or 'skip' the step and count it.")
     max_skipped_steps: int = _f(100, "With nan_policy 'skip': stop after this many skipped steps in a row.")
+    decay_position_bias: bool = _f(False, "true = apply weight decay to exactly what the official SimMIM pretraining "
+                                          "decayed: relative position bias tables, SwinV2's cpb MLP weights and "
+                                          "logit scale, and for ViT the mask token (its exemption rule never "
+                                          "matched; see docs/ENGINE.md). false = exempt them, as it intended. "
+                                          "Pretraining only.")
 
     def validate(self) -> None:
         _positive(self, "epochs", "global_batch_size", "micro_batch_size")
