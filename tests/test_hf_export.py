@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from simmim_fast import SimMIM, load_config
 from simmim_fast.cli import main as cli_main
@@ -51,11 +52,17 @@ def _inputs(cfg, batch=2, seed=1):
     return images, mask
 
 
-@pytest.mark.parametrize("model_kw", [dict(window_size=2, depths=[2, 2, 1, 1]),      # shifted windows, map == window
-                                      dict(window_size=4, depths=[2, 2, 2], num_heads=[1, 2, 2], img_size=96)])
-def test_swin_round_trip_loss_and_hidden_states(tmp_path, model_kw):
-    # the second geometry: maps 24, 12, 6 with window 4 -> the last stage is padded (both libraries pad)
-    cfg = tiny_swin_config(**model_kw)
+def _four_band_swin():
+    """Maps 24, 12, 6 with window 4 (the last stage is padded, by both libraries) and 4 input bands."""
+    return load_config({"model": dict(encoder="swin", img_size=96, patch_size=4, in_chans=4, embed_dim=16,
+                                      depths=[2, 2, 2], num_heads=[1, 2, 2], window_size=4),
+                        "mask": {"mask_patch_size": 16}, "data": {"mean": [0.5] * 4, "std": [0.25] * 4}})
+
+
+@pytest.mark.parametrize("make_cfg", [lambda: tiny_swin_config(window_size=2, depths=[2, 2, 1, 1]),  # map == window
+                                      _four_band_swin], ids=["shifted", "padded-4-band"])
+def test_swin_round_trip_loss_and_hidden_states(tmp_path, make_cfg):
+    cfg = make_cfg()
     model = _trained_like(cfg)
     out = _export(tmp_path, cfg, model)
     hf = _strict(transformers.SwinForMaskedImageModeling, out)
@@ -94,7 +101,6 @@ def test_vit_round_trip_hidden_states_and_head(tmp_path):
         torch.testing.assert_close(tokens, ours, **TOL)
         torch.testing.assert_close(o.pooler_output, o.last_hidden_state[:, 0])  # cls token, no extra weights
         # the head written beside the model reproduces our reconstruction from transformers' tokens
-        from safetensors.torch import load_file
         head = load_file(str(out / "simmim_head.safetensors"))
         rec = F.pixel_shuffle(F.conv2d(tokens, head["weight"], head["bias"]), cfg.model.patch_size)
         torch.testing.assert_close(rec, model.reconstruct(images, mask), **TOL)

@@ -236,10 +236,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _main_hf(args: argparse.Namespace) -> int:
-    from .hf_export import export_hf, require_transformers
-    timm_only = [flag for flag, value in (("--model", args.model), ("--vit-pool", args.vit_pool),
-                                          ("--vit-rel-pos", None if args.vit_rel_pos == "per-block" else 1))
-                 if value is not None]
+    from .hf_export import export_hf, require_transformers  # hf_export imports this module
+    given = {"--model": args.model is not None, "--vit-pool": args.vit_pool is not None,
+             "--vit-rel-pos": args.vit_rel_pos != "per-block"}
+    timm_only = [flag for flag, on in given.items() if on]
     if timm_only:
         raise UserError(f"{', '.join(timm_only)}: timm export options; --format hf takes --img-size and --window-size")
     require_transformers()  # before reading a large checkpoint

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import Config, config_to_dict
 from ..errors import UserError
@@ -229,7 +230,6 @@ def export_hf(cfg: Config, state: Dict[str, torch.Tensor], out_dir: str | Path, 
         image_mean=list(cfg.data.mean), image_std=list(cfg.data.std)).save_pretrained(str(out))
     files = sorted(p.name for p in out.iterdir())
     if cfg.model.encoder == "vit":
-        from safetensors.torch import save_file
         save_file({"weight": state["head.0.weight"].float().contiguous(),
                    "bias": state["head.0.bias"].float().contiguous()}, str(out / "simmim_head.safetensors"),
                   metadata={"what": "SimMIM head: Conv2d(hidden, patch^2 * channels, 1) + PixelShuffle(patch) on "
