@@ -7,7 +7,6 @@ prefixed with ``encoder.``) and names containing one of ``SimMIM.no_weight_decay
 prefixed with ``encoder.``, hence never found in ``encoder.layers.0...``: Swin-Transformer issue #369).
 """
 import pytest
-import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 from helpers import tiny_swin_config, tiny_vit_config
