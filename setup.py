@@ -34,9 +34,11 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
+        "hf": ["transformers>=5,<6"],  # export --format hf (5.x attention names q_proj/k_proj/v_proj/o_proj)
         "dev": [
             "deepspeed>=0.15",
             "nvidia-dali-cuda130>=1.40",
+            "transformers>=5,<6",
             "pytest>=7",
             "pytest-benchmark>=4",
             "pytest-timeout>=2",

@@ -61,7 +61,10 @@ class ModelConfig:
     drop_path_rate: float = _f(0.0, "Stochastic depth rate (0.0 for Swin pretraining, 0.1 for ViT-B).")
     layer_scale_init: float = _f(0.1, "ViT only: layer scale init value (0 disables layer scale).")
     mask_token_init: Literal["trunc_normal", "zeros"] = _f("trunc_normal", "Mask token init: truncated normal "
-                                                                            "std 0.02, or zeros.")
+                                                                            "std 0.02 (Swin: cut at +-2 absolute, "
+                                                                            "as the official Swin; ViT: cut at "
+                                                                            "+-0.02, as the official ViT), or "
+                                                                            "zeros.")
     norm_targets: bool = _f(False, "SwinV2 recipe: normalise the reconstruction target by its local mean and "
                                    "variance over a norm_targets_window square window.")
     norm_targets_window: int = _f(47, "Odd window size (pixels) for norm_targets.")
@@ -210,6 +213,11 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = _f("stop", "On a non-finite loss: 'stop' (error, nothing corrupt is "
                                                      "saved) or 'skip' the step and count it.")
     max_skipped_steps: int = _f(100, "With nan_policy 'skip': stop after this many skipped steps in a row.")
+    decay_position_bias: bool = _f(False, "true = apply weight decay to exactly what the official SimMIM pretraining "
+                                          "decayed: relative position bias tables, SwinV2's cpb MLP weights and "
+                                          "logit scale, and for ViT the mask token (its exemption rule never "
+                                          "matched; see docs/ENGINE.md). false = exempt them, as it intended. "
+                                          "Pretraining only.")
 
     def validate(self) -> None:
         _positive(self, "epochs", "global_batch_size", "micro_batch_size")

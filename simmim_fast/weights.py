@@ -32,8 +32,12 @@ STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 def simmim_param_groups(model: torch.nn.Module, cfg: Config) -> List[dict]:
     """The optimiser param groups of a SimMIM run (no-decay rules, layer decay); the one call both the
-    run and the ZeRO-0 checkpoint reader (which names the fp32 master weights by this order) make."""
-    return param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model)
+    run and the ZeRO-0 checkpoint reader (which names the fp32 master weights by this order) make.
+    ``train.decay_position_bias`` decays what the official pretraining runs decayed (see
+    ``SimMIM.official_decayed_names``)."""
+    decay_names = model.official_decayed_names() if cfg.train.decay_position_bias else ()
+    return param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay, model_cfg=cfg.model,
+                        decay_names=decay_names)
 
 
 def build_simmim(cfg: Config, state: Optional[Dict[str, torch.Tensor]] = None) -> SimMIM:

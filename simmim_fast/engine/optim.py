@@ -67,18 +67,23 @@ def layer_scale(name: str, model_cfg: ModelConfig, layer_decay: float) -> float:
     return layer_decay ** (num_layers(model_cfg) + 1 - layer_id(name, model_cfg))
 
 
-def is_no_decay(name: str, param: torch.Tensor, no_decay_names: Set[str]) -> bool:
+def is_no_decay(name: str, param: torch.Tensor, no_decay_names: Set[str], decay_names: Set[str] = frozenset()) -> bool:
     """1-D tensors, biases, the named ones (position embeddings, mask token) and relative position bias
-    tables get no weight decay. ``no_decay_names`` without the ``encoder.`` prefix (see _strip)."""
+    tables get no weight decay, except the ``decay_names``, which are always decayed. Both name sets
+    without the ``encoder.`` prefix (see _strip)."""
+    if _strip(name) in decay_names:
+        return False
     return (param.ndim <= 1 or name.endswith(".bias") or _strip(name) in no_decay_names
             or "relative_position_bias_table" in name)
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Optional[Iterable[str]] = None,
-                 layer_decay: float = 1.0, model_cfg: Optional[ModelConfig] = None) -> List[Dict]:
+                 layer_decay: float = 1.0, model_cfg: Optional[ModelConfig] = None,
+                 decay_names: Iterable[str] = ()) -> List[Dict]:
     """Optimizer param groups: (decay or not) x (layer id when layer_decay < 1).
 
-    ``no_decay_names`` defaults to ``model.no_weight_decay()`` when the model has it. ``model_cfg`` is
+    ``no_decay_names`` defaults to ``model.no_weight_decay()`` when the model has it. ``decay_names``
+    are decayed whatever the other rules say (to reproduce runs that decayed them). ``model_cfg`` is
     needed for layer_decay < 1 (it gives the depths).
     """
     if not 0 < layer_decay <= 1:
@@ -88,11 +93,12 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Optional
     if no_decay_names is None:
         no_decay_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     skip = {_strip(n) for n in no_decay_names}
+    force = {_strip(n) for n in decay_names}
     groups: Dict[str, Dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not is_no_decay(name, p, skip)
+        decay = not is_no_decay(name, p, skip, force)
         lid = layer_id(name, model_cfg) if layer_decay < 1 else None
         key = f"{'decay' if decay else 'no_decay'}" + (f"_layer{lid}" if lid is not None else "")
         if key not in groups:

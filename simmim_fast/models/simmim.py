@@ -17,9 +17,14 @@ from simmim_fast.kernels import masked_l1_loss, mask_token_substitute
 
 from ..config import Config, ModelConfig
 from .swin import create_swin, swin_forward_masked
-from .vit import create_vit, vit_forward_masked
+from .vit import create_vit, init_vit_official, official_trunc_normal_, vit_forward_masked
 
-__all__ = ["SimMIM", "normalize_targets", "denormalize_targets", "local_stats"]
+__all__ = ["SimMIM", "normalize_targets", "denormalize_targets", "local_stats", "POSITION_BIAS_KEYWORDS"]
+
+# Parameter-name parts of the position-bias parameters the official encoders list in
+# no_weight_decay_keywords(): Swin's and ViT's relative position bias tables, SwinV2's continuous
+# position bias MLP and its attention logit scale (microsoft/Swin-Transformer models/swin_transformer*.py).
+POSITION_BIAS_KEYWORDS = ("relative_position_bias_table", "cpb_mlp", "logit_scale")
 
 
 def local_stats(x: torch.Tensor, window: int = 47):
@@ -60,10 +65,14 @@ class SimMIM(nn.Module):
             self._forward_masked = swin_forward_masked
         else:
             self.encoder = create_vit(cfg)
+            init_vit_official(self.encoder, cfg.layer_scale_init)
             self._forward_masked = vit_forward_masked
         self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
         if cfg.mask_token_init == "trunc_normal":
-            trunc_normal_(self.mask_token, mean=0.0, std=0.02)
+            if cfg.encoder == "vit":  # VisionTransformerForSimMIM: cut at +-1 std
+                official_trunc_normal_(self.mask_token.data)
+            else:  # SwinTransformerForSimMIM: timm's default cut (+-2 absolute)
+                trunc_normal_(self.mask_token, mean=0.0, std=0.02)
         self.head = nn.Sequential(
             nn.Conv2d(self.encoder.num_features, self.encoder_stride ** 2 * cfg.in_chans, kernel_size=1),
             nn.PixelShuffle(self.encoder_stride))
@@ -103,4 +112,19 @@ class SimMIM(nn.Module):
         names = {"mask_token"}
         names |= {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", lambda: set())()}
         names |= {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        return names
+
+    def official_decayed_names(self) -> Set[str]:
+        """Parameters the official SimMIM pretraining decayed that ``no_weight_decay`` exempts.
+
+        Its SimMIM wrapper prefixes the encoder's no_weight_decay_keywords() with ``encoder.`` and tests
+        them as substrings of the full names (``encoder.layers.0.blocks.0.attn.relative_...``), so they
+        never match (microsoft/Swin-Transformer issue #369): every position-bias parameter that is not a
+        1-D tensor or a bias was decayed. Its ViT lists no keywords (same result) and no mask token in
+        no_weight_decay(), and its (1, 1, C) mask token was decayed; Swin and SwinV2 list the mask token.
+        """
+        names = {n for n, p in self.named_parameters()
+                 if any(k in n for k in POSITION_BIAS_KEYWORDS) and p.ndim > 1 and not n.endswith(".bias")}
+        if self.cfg.encoder == "vit":
+            names.add("mask_token")
         return names

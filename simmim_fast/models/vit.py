@@ -3,17 +3,32 @@
 No absolute position embedding, one relative position bias shared by all blocks, layer scale,
 LayerNorm eps 1e-6, qkv bias. The mask token replaces patch embeddings before the cls token is
 prepended; the cls token is dropped at the output.
+
+Initialisation follows the official ``VisionTransformerForSimMIM`` (microsoft/SimMIM
+models/simmim.py), not timm's Beit default: that class overrides ``_trunc_normal_`` with the cut
+``a=-std, b=std``, so the cls token, the mask token, every Linear weight and the patch-embedding
+conv are drawn from a normal of std 0.02 truncated at +-1 std (+-0.02; effective std
+0.02 * 0.53956 = 0.01079), Linear and conv biases are zero, LayerNorms are (1, 0), and then each
+block's ``attn.proj`` and ``mlp.fc2`` weights are divided by sqrt(2 * (block index + 1))
+(BEiT's ``fix_init_weight``). timm's Beit cuts at +-2 absolute (i.e. an untruncated std 0.02, 1.85x
+wider) and leaves the patch-embedding conv at PyTorch's default.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import math
+
 import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 
 from ..config import ModelConfig
 
-__all__ = ["create_vit", "vit_forward_masked"]
+__all__ = ["create_vit", "vit_forward_masked", "official_trunc_normal_", "init_vit_official"]
+
+INIT_STD = 0.02
 
 
 def create_vit(cfg: ModelConfig) -> Beit:
@@ -24,6 +39,40 @@ def create_vit(cfg: ModelConfig) -> Beit:
         qkv_bias=True, drop_path_rate=cfg.drop_path_rate,
         init_values=cfg.layer_scale_init or None,
         use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+
+
+def official_trunc_normal_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
+    """Normal(0, std) truncated at +-std: ``VisionTransformerForSimMIM._trunc_normal_``."""
+    return trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+@torch.no_grad()
+def init_vit_official(encoder: Beit, layer_scale_init: float = 0.0) -> None:
+    """Re-initialise a ``create_vit`` encoder as the official SimMIM ViT (see the module docstring).
+
+    Position bias tables and the q/v biases start at zero and layer scale at ``layer_scale_init``, as
+    in the official code (timm does the same; set here so the whole init is stated in one place).
+    """
+    if encoder.pos_embed is not None:
+        official_trunc_normal_(encoder.pos_embed)
+    official_trunc_normal_(encoder.cls_token)
+    for m in encoder.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            official_trunc_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in encoder.named_parameters():
+        if name.endswith(("q_bias", "v_bias", "relative_position_bias_table")):
+            nn.init.zeros_(p)
+        elif name.endswith(("gamma_1", "gamma_2")):
+            nn.init.constant_(p, layer_scale_init)
+    for layer_id, blk in enumerate(encoder.blocks):  # BEiT's fix_init_weight
+        scale = math.sqrt(2.0 * (layer_id + 1))
+        blk.attn.proj.weight.div_(scale)
+        blk.mlp.fc2.weight.div_(scale)
 
 
 def vit_forward_tokens(encoder: Beit, x: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``simmim-fast export``: a pretrained SimMIM encoder as a plain timm state dict.
+"""``simmim-fast export``: a pretrained SimMIM encoder as a plain timm state dict (``--format hf``:
+a Hugging Face transformers folder, see ``hf_export``).
 
 The SimMIM encoder is already a stock timm module, so export is mostly renaming: the
 ``encoder.`` prefix goes, the mask token and the SimMIM head (1x1 conv + PixelShuffle) are
@@ -216,7 +217,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import add_weights_arguments
     add_weights_arguments(parser)
     parser.add_argument("--output", "-o", required=True,
-                        help="output path without suffix: writes OUTPUT.safetensors, OUTPUT.pth and OUTPUT.json")
+                        help="timm: output path without suffix: writes OUTPUT.safetensors, OUTPUT.pth and "
+                             "OUTPUT.json; hf: the output folder")
+    parser.add_argument("--format", choices=["timm", "hf"], default="timm",
+                        help="timm: a timm state dict for fine-tuning (default); hf: a Hugging Face transformers "
+                             "folder (Swin: SwinForMaskedImageModeling, ViT: BeitModel; needs the [hf] extra)")
     parser.add_argument("--model", help="timm model name to export for (default: the timm model of the "
                                         "config's architecture, e.g. swin_base_patch4_window7_224)")
     parser.add_argument("--img-size", type=int, help="fine-tuning image size (default: the named model's, else the "
@@ -230,7 +235,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ViT: target pooling (default: the timm model's; avg -> norm is saved as fc_norm)")
 
 
+def _main_hf(args: argparse.Namespace) -> int:
+    from .hf_export import export_hf, require_transformers  # hf_export imports this module
+    given = {"--model": args.model is not None, "--vit-pool": args.vit_pool is not None,
+             "--vit-rel-pos": args.vit_rel_pos != "per-block"}
+    timm_only = [flag for flag, on in given.items() if on]
+    if timm_only:
+        raise UserError(f"{', '.join(timm_only)}: timm export options; --format hf takes --img-size and --window-size")
+    require_transformers()  # before reading a large checkpoint
+    cfg, state = load_source(args.checkpoint, args.config, args.overrides)
+    info = export_hf(cfg, state, args.output, args.img_size, args.window_size, source=args.checkpoint)
+    print(f"wrote {info['dir']}/: {', '.join(info['files'])} ({info['class']})")
+    if not info["exact"]:
+        print("note: exported for another image size / window; relative position tables were resized, so the "
+              "outputs differ from the pretrained model's")
+    if cfg.model.norm_targets and cfg.model.encoder == "swin":
+        print("note: model.norm_targets is on; transformers' SwinForMaskedImageModeling computes its loss on the "
+              "raw normalised image")
+    d = str(info["dir"])
+    print("load with:\n  from transformers import AutoImageProcessor, " + info["class"] +
+          f"\n  model = {info['class']}.from_pretrained({d!r}); "
+          f"processor = AutoImageProcessor.from_pretrained({d!r})")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "format", "timm") == "hf":
+        return _main_hf(args)
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     name, kwargs = timm_target(cfg, args.model, args.img_size, args.window_size, args.vit_rel_pos, args.vit_pool)
     target = build_timm_model(name, kwargs)
