@@ -123,11 +123,13 @@ class DataConfig:
     backend: Literal["torch", "dali", "dali_cpu", "synthetic"] = _f(
         "torch", "Loader: 'torch' (torchvision + DataLoader workers), 'dali' (GPU JPEG decode), 'dali_cpu' "
                  "(DALI on CPU threads) or 'synthetic' (random tensors on the device: measures the model only).")
-    path: Optional[str] = _f(None, "Dataset: an ImageFolder tree, a flat folder of images, or a text file "
-                                   "listing image paths. null = the sample photos that scikit-image ships.")
-    layout: Literal["auto", "imagefolder", "flat", "filelist"] = _f(
-        "auto", "How to read data.path: 'auto' detects (file -> filelist; folder with only sub-folders of "
-                "images -> imagefolder; else flat).")
+    path: Optional[str] = _f(None, "Dataset: an ImageFolder tree, a flat folder of images, a text file "
+                                   "listing image paths, or a folder of shards (`simmim-fast shard`). null = the "
+                                   "sample photos that scikit-image ships.")
+    layout: Literal["auto", "imagefolder", "flat", "filelist", "webdataset"] = _f(
+        "auto", "How to read data.path: 'auto' detects (a shard folder or its manifest.json -> webdataset; "
+                "another file -> filelist; folder with only sub-folders of images -> imagefolder; else flat). "
+                "'webdataset': tar shards written by `simmim-fast shard` (data.path = their folder or manifest).")
     num_workers: int = _f(4, "Loader worker processes (torch) or threads (dali, dali_cpu).")
     crop_scale: Tuple[float, float] = _f((0.67, 1.0), "RandomResizedCrop area fraction range.")
     crop_ratio: Tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect ratio range.")

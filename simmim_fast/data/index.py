@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .transforms import load_rgb
+from .webdataset import Member, MemberTable, open_source, source_suffix
 from ..errors import UserError
 
 __all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "PathTable", "check_image_file",
@@ -62,17 +63,24 @@ def _describe_mode(fmt: str, mode: str, head: bytes) -> str:
             "I;16B": "16-bit greyscale", "I": "32-bit integer", "F": "floating point"}.get(mode, "")
 
 
-def _array_header(path: Path) -> Optional[FileCheck]:
+def _array_header(path) -> Optional[FileCheck]:
     """Size of a file PIL cannot open but tifffile (multi-band TIFF) or numpy (.npy) can; None if neither.
 
-    The channel axis is taken as the shortest one here (the loader picks it from model.in_chans)."""
+    ``path`` is a file or a shard member. The channel axis is taken as the shortest one here (the
+    loader picks it from model.in_chans)."""
+    suffix = source_suffix(path)
     try:
-        if path.suffix.lower() == ".npy":
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        if suffix == ".npy":
+            with open_source(path) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape = np.lib.format.read_array_header_1_0(f)[0]
+                else:
+                    shape = np.lib.format.read_array_header_2_0(f)[0]
             what = ".npy array"
-        elif path.suffix.lower() in (".tif", ".tiff"):
+        elif suffix in (".tif", ".tiff"):
             import tifffile
-            with tifffile.TiffFile(path) as t:
+            with open_source(path) as f, tifffile.TiffFile(f) as t:
                 page = t.pages[0]
                 h, w = int(page.imagelength), int(page.imagewidth)
             return FileCheck(w, h, CONVERT, "", f"multi-band TIFF {page.shape} {page.dtype} (torch backend only)")
@@ -89,22 +97,27 @@ def _array_header(path: Path) -> Optional[FileCheck]:
     return FileCheck(int(w), int(h), CONVERT, "", f"{what} {tuple(shape)} (torch backend only)")
 
 
-def check_image_file(path: str | os.PathLike, check: str = "header") -> FileCheck:
-    """Check one file (never raises for a bad file: the reason is in the result)."""
+def check_image_file(path, check: str = "header") -> FileCheck:
+    """Check one file or shard member (never raises for a bad file: the reason is in the result)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    if isinstance(path, Member):
+        if path.offset < 0:
+            return FileCheck(reason="member missing from damaged shard (its tar header is unreadable)")
+    else:
+        path = Path(path)
     try:
-        size = path.stat().st_size
+        size = path.size if isinstance(path, Member) else path.stat().st_size
         if size == 0:
             return FileCheck(reason="empty file (0 bytes)")
-        with open(path, "rb") as f:
+        with open_source(path) as f:
             head = f.read(32)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
-        with Image.open(path) as im:
-            fmt, mode, (w, h) = im.format or "", im.mode, im.size
-            frames = getattr(im, "n_frames", 1)
+            f.seek(0)
+            with Image.open(f) as im:
+                fmt, mode, (w, h) = im.format or "", im.mode, im.size
+                frames = getattr(im, "n_frames", 1)
     except UnidentifiedImageError:
         arr = _array_header(path)  # multi-band / 16-bit TIFF and .npy arrays: read by the torch backend
         if arr is not None:
@@ -135,7 +148,7 @@ def check_image_file(path: str | os.PathLike, check: str = "header") -> FileChec
     return FileCheck(w, h, status, "", "; ".join(notes))
 
 
-def _check_many(args: Tuple[List[str], str]) -> List[FileCheck]:
+def _check_many(args: Tuple[list, str]) -> List[FileCheck]:
     paths, check = args
     return [check_image_file(p, check) for p in paths]
 
@@ -243,26 +256,32 @@ def _save_cache(file: Path, rows: Dict[str, tuple]) -> None:
     os.replace(tmp, file)
 
 
-def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
+def build_index(paths: Sequence, dataset_key: str, check: str = "header",
                 cache_dir: Optional[str | os.PathLike] = None, workers: int = 4, processes: bool = False,
                 use_cache: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> ImageIndex:
     """Check every file (or take the cached result for unchanged files) and return the index.
 
     ``dataset_key`` names the dataset in the cache (its resolved path and layout); ``processes``
     checks in worker processes (for the scan command) instead of threads (safe inside training).
+    ``paths`` are file paths, or a ``MemberTable`` of shard members (cached by member size and
+    shard modification time).
     """
     if check not in CHECKS:
         raise UserError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
     start = time.perf_counter()
     level = CHECKS[check]
+    members = isinstance(paths, MemberTable)
     names = [str(p) for p in paths]
     stats: List[Tuple[int, int]] = []
-    for p in names:
-        try:
-            st = os.stat(p)
-            stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append((-1, -1))
+    if members:
+        stats = paths.stats()
+    else:
+        for p in names:
+            try:
+                st = os.stat(p)
+                stats.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((-1, -1))
     cache_file = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), dataset_key) if use_cache else None
     cached = _load_cache(cache_file) if cache_file is not None and cache_file.is_file() else {}
     results: List[Optional[tuple]] = []
@@ -281,7 +300,8 @@ def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
         pool = (ProcessPoolExecutor(workers) if processes and workers > 1 else ThreadPoolExecutor(max(1, workers)))
         done = 0
         with pool:
-            for batch, checks in zip(batches, pool.map(_check_many, [([names[i] for i in b], check) for b in batches])):
+            for batch, checks in zip(batches, pool.map(_check_many, [([paths[i] if members else names[i] for i in b], check)
+                                                                     for b in batches])):
                 for i, c in zip(batch, checks):
                     results[i] = (stats[i][0], stats[i][1], level, c.width, c.height, c.status, c.reason, c.note)
                 done += len(batch)
@@ -297,7 +317,7 @@ def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
                 cache_file = None
     rows = results  # every entry is filled now
     index = ImageIndex(
-        paths=PathTable(names),
+        paths=paths if members else PathTable(names),
         width=np.array([r[3] for r in rows], dtype=np.int64),
         height=np.array([r[4] for r in rows], dtype=np.int64),
         status=np.array([r[5] for r in rows], dtype=np.int8),

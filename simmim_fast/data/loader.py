@@ -40,7 +40,7 @@ def load_index(cfg: Config, workers: Optional[int] = None, processes: bool = Fal
     """The checked file index of cfg.data.path (from the cache for unchanged files); ``paths`` are its
     files when the caller has listed them already."""
     d = cfg.data
-    paths = list_images(d.path, d.layout) if paths is None else paths
+    paths = list_images(d.path, d.layout, cache_dir=d.cache_dir) if paths is None else paths
     root = Path(d.path).expanduser().resolve() if d.path is not None else paths[0].parent
     index = build_index(paths, f"{root}|{d.layout}", d.check, cache_dir=_cache_dir(cfg),
                         workers=max(1, d.num_workers if workers is None else workers), processes=processes,

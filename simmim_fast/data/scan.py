@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "listing images (default: data.path of --config, else the "
                                                 "scikit-image sample photos)")
     add_config_arguments(parser, help="config file whose data section gives the defaults")
-    parser.add_argument("--layout", choices=["auto", "imagefolder", "flat", "filelist"], help="data.layout")
+    parser.add_argument("--layout", choices=["auto", "imagefolder", "flat", "filelist", "webdataset"],
+                        help="data.layout")
     parser.add_argument("--check", choices=["header", "decode"],
                         help="'header' (fast) or 'decode' (decode every file once); default data.check")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")

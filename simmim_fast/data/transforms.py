@@ -14,6 +14,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .webdataset import open_source, source_suffix
+
 __all__ = ["load_rgb", "apply_view"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -31,9 +33,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode a whole image file as 8-bit RGB; raises (OSError, ValueError, ...) if it cannot be decoded."""
-    with Image.open(path) as im:
+def load_rgb(path) -> Image.Image:
+    """Decode a whole image file (or shard member) as 8-bit RGB; raises (OSError, ValueError, ...) if it
+    cannot be decoded."""
+    with open_source(path) as f, Image.open(f) as im:
         im.load()
         return to_rgb(im)
 
@@ -60,7 +63,7 @@ def to_unit(a: np.ndarray) -> np.ndarray:
     raise ValueError(f"pixel type {a.dtype} is not uint8, uint16 or float")
 
 
-def load_channels(path: str | Path, channels: int) -> torch.Tensor:
+def load_channels(path, channels: int) -> torch.Tensor:
     """Decode a file as a (C, H, W) float32 tensor in 0-1 with exactly ``channels`` channels.
 
     For in_chans other than 3: greyscale (8- or 16-bit) PNG/TIFF stay 1 channel; ``.npy`` arrays
@@ -68,13 +71,14 @@ def load_channels(path: str | Path, channels: int) -> torch.Tensor:
     another channel count raises ValueError with the counts (the loaders skip it, naming the reason):
     it is never cropped or padded to fit.
     """
-    suffix = Path(path).suffix.lower()
+    suffix = source_suffix(path)
     if suffix in (".npy", ".tif", ".tiff"):
-        if suffix == ".npy":
-            a = np.load(path, allow_pickle=False)
-        else:
-            import tifffile  # PIL reads neither multi-band nor most 16-bit multi-sample TIFFs
-            a = tifffile.imread(path)
+        with open_source(path) as f:
+            if suffix == ".npy":
+                a = np.load(f, allow_pickle=False)
+            else:
+                import tifffile  # PIL reads neither multi-band nor most 16-bit multi-sample TIFFs
+                a = tifffile.imread(f)
         if a.ndim == 2:
             a = a[None]
         elif a.ndim == 3 and a.shape[0] == channels:
@@ -84,7 +88,7 @@ def load_channels(path: str | Path, channels: int) -> torch.Tensor:
         else:
             raise ValueError(f"array of shape {a.shape} has no axis of {channels} channels")
     else:
-        with Image.open(path) as im:
+        with open_source(path) as f, Image.open(f) as im:
             im.load()
             if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("L", "F"):
                 a = np.asarray(im)

@@ -44,7 +44,7 @@ def preflight(args: argparse.Namespace):
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))
         accumulation = cfg.train.accumulation_steps(world)
-        paths = list_images(cfg.data.path, cfg.data.layout)  # listed once: the loader reuses the list
+        paths = list_images(cfg.data.path, cfg.data.layout, cfg.data.cache_dir)  # listed once: the loader reuses the list
         micro_batches = (len(paths) // world) // cfg.train.micro_batch_size
         if micro_batches < accumulation:
             raise UserError(
