@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .transforms import load_rgb
+from .transforms import array_channels, load_rgb, pil_channels
 from .webdataset import Member, MemberTable, open_source, source_suffix
 from ..errors import UserError
 
@@ -43,6 +43,8 @@ CHECKS = {"header": 1, "decode": 2}
 # PIL format names of what nvImageCodec (the DALI decoders) reads; MPO is a multi-picture JPEG.
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"}
 _TAIL_BYTES = 16384
+ARRAY_SUFFIXES = (".npy", ".tif", ".tiff")  # read by numpy / tifffile when bands are kept as stored
+TORCH_ONLY = "(torch backend only)"  # the note of files only the torch backend reads
 _CACHE_VERSION = 1
 
 
@@ -63,42 +65,46 @@ def _describe_mode(fmt: str, mode: str, head: bytes) -> str:
             "I;16B": "16-bit greyscale", "I": "32-bit integer", "F": "floating point"}.get(mode, "")
 
 
-def _array_header(path) -> Optional[FileCheck]:
-    """Size of a file PIL cannot open but tifffile (multi-band TIFF) or numpy (.npy) can; None if neither.
-
-    ``path`` is a file or a shard member. The channel axis is taken as the shortest one here (the
-    loader picks it from model.in_chans)."""
+def _array_header(path, channels: int) -> Optional[FileCheck]:
+    """Size and channel count of a ``.npy`` array or a TIFF read with tifffile (what the torch backend's
+    band reader opens); None for other files. ``path`` is a file or a shard member."""
     suffix = source_suffix(path)
     try:
         if suffix == ".npy":
             with open_source(path) as f:
                 version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape = np.lib.format.read_array_header_1_0(f)[0]
-                else:
-                    shape = np.lib.format.read_array_header_2_0(f)[0]
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
             what = ".npy array"
         elif suffix in (".tif", ".tiff"):
             import tifffile
             with open_source(path) as f, tifffile.TiffFile(f) as t:
-                page = t.pages[0]
-                h, w = int(page.imagelength), int(page.imagewidth)
-            return FileCheck(w, h, CONVERT, "", f"multi-band TIFF {page.shape} {page.dtype} (torch backend only)")
+                series = t.series[0]  # what tifffile.imread returns
+                shape, dtype = series.shape, series.dtype
+            what = "TIFF"
         else:
             return None
     except Exception as e:  # noqa: BLE001
         return FileCheck(reason=f"unreadable array header: {type(e).__name__}: {e}")
-    if len(shape) == 2:
-        h, w = shape
-    elif len(shape) == 3:
-        h, w = shape[:2] if shape[-1] <= shape[0] else shape[1:]
-    else:
-        return FileCheck(reason=f"array of shape {tuple(shape)} is not (H, W), (H, W, C) or (C, H, W)")
-    return FileCheck(int(w), int(h), CONVERT, "", f"{what} {tuple(shape)} (torch backend only)")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3):
+        return FileCheck(reason=f"array of shape {shape} is not (H, W), (H, W, C) or (C, H, W)")
+    found, h, w = array_channels(shape, channels)
+    if found is None:
+        return FileCheck(reason=f"array of shape {shape} has no axis of {channels} channels (model.in_chans)")
+    if found != channels:
+        return FileCheck(w, h, BAD, f"{found} channels, model.in_chans is {channels}")
+    if w < 1 or h < 1:
+        return FileCheck(reason=f"image has no pixels ({w}x{h})")
+    return FileCheck(w, h, CONVERT, "", f"{what} {shape} {dtype} {TORCH_ONLY}")
 
 
-def check_image_file(path, check: str = "header") -> FileCheck:
-    """Check one file or shard member (never raises for a bad file: the reason is in the result)."""
+def check_image_file(path, check: str = "header", channels: Optional[int] = None) -> FileCheck:
+    """Check one file or shard member (never raises for a bad file: the reason is in the result).
+
+    ``channels`` None: the file will be read as 8-bit RGB (model.in_chans 3, default scaling), and
+    only arrays are checked for 3 channels; else the file's bands must number ``channels``
+    (a file with another count is unusable, never cropped or padded)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(path, Member):
@@ -110,6 +116,8 @@ def check_image_file(path, check: str = "header") -> FileCheck:
         size = path.size if isinstance(path, Member) else path.stat().st_size
         if size == 0:
             return FileCheck(reason="empty file (0 bytes)")
+        if channels is not None and source_suffix(path) in ARRAY_SUFFIXES:
+            return _array_header(path, channels)  # the band reader opens these with numpy / tifffile
         with open_source(path) as f:
             head = f.read(32)
             f.seek(max(0, size - _TAIL_BYTES))
@@ -119,7 +127,7 @@ def check_image_file(path, check: str = "header") -> FileCheck:
                 fmt, mode, (w, h) = im.format or "", im.mode, im.size
                 frames = getattr(im, "n_frames", 1)
     except UnidentifiedImageError:
-        arr = _array_header(path)  # multi-band / 16-bit TIFF and .npy arrays: read by the torch backend
+        arr = _array_header(path, channels or 3)  # multi-band / 16-bit TIFF and .npy arrays: read by the torch backend
         if arr is not None:
             return arr
         return FileCheck(reason="not an image (no known image format)")
@@ -127,6 +135,8 @@ def check_image_file(path, check: str = "header") -> FileCheck:
         return FileCheck(reason=f"unreadable header: {type(e).__name__}: {e}")
     if w < 1 or h < 1:
         return FileCheck(reason=f"image has no pixels ({w}x{h})")
+    if channels is not None and pil_channels(mode) != channels:
+        return FileCheck(w, h, BAD, f"{pil_channels(mode)} channels, model.in_chans is {channels}")
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return FileCheck(w, h, BAD, "truncated JPEG (no end-of-image marker)")
     if fmt == "PNG" and b"IEND" not in tail[-64:]:
@@ -148,9 +158,9 @@ def check_image_file(path, check: str = "header") -> FileCheck:
     return FileCheck(w, h, status, "", "; ".join(notes))
 
 
-def _check_many(args: Tuple[list, str]) -> List[FileCheck]:
-    paths, check = args
-    return [check_image_file(p, check) for p in paths]
+def _check_many(args: Tuple[list, str, Optional[int]]) -> List[FileCheck]:
+    paths, check, channels = args
+    return [check_image_file(p, check, channels) for p in paths]
 
 
 class PathTable(Sequence[Path]):
@@ -258,13 +268,14 @@ def _save_cache(file: Path, rows: Dict[str, tuple]) -> None:
 
 def build_index(paths: Sequence, dataset_key: str, check: str = "header",
                 cache_dir: Optional[str | os.PathLike] = None, workers: int = 4, processes: bool = False,
-                use_cache: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> ImageIndex:
+                use_cache: bool = True, progress: Optional[Callable[[int, int], None]] = None,
+                channels: Optional[int] = None) -> ImageIndex:
     """Check every file (or take the cached result for unchanged files) and return the index.
 
     ``dataset_key`` names the dataset in the cache (its resolved path and layout); ``processes``
     checks in worker processes (for the scan command) instead of threads (safe inside training).
     ``paths`` are file paths, or a ``MemberTable`` of shard members (cached by member size and
-    shard modification time).
+    shard modification time). ``channels``: see check_image_file (part of ``dataset_key`` when set).
     """
     if check not in CHECKS:
         raise UserError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
@@ -300,7 +311,7 @@ def build_index(paths: Sequence, dataset_key: str, check: str = "header",
         pool = (ProcessPoolExecutor(workers) if processes and workers > 1 else ThreadPoolExecutor(max(1, workers)))
         done = 0
         with pool:
-            for batch, checks in zip(batches, pool.map(_check_many, [([paths[i] if members else names[i] for i in b], check)
+            for batch, checks in zip(batches, pool.map(_check_many, [([paths[i] if members else names[i] for i in b], check, channels)
                                                                      for b in batches])):
                 for i, c in zip(batch, checks):
                     results[i] = (stats[i][0], stats[i][1], level, c.width, c.height, c.status, c.reason, c.note)
