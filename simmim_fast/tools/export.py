@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config, config_to_dict, load_config
 from ..errors import UserError
+from ..models.init_weights import resize_rel_pos_table
 from ..weights import build_timm_model, load_model_state, load_source
 
 __all__ = ["normalisation", "read_normalisation", "encoder_state_dict", "timm_target", "build_timm_model", "convert_to_timm", "resize_rel_pos_table",
@@ -125,26 +125,6 @@ def _architecture(m) -> Dict[str, Any]:
     if m.encoder == "swin":
         return dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depths=list(m.depths), num_heads=list(m.num_heads))
     return dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depths[0], num_heads=m.num_heads[0])
-
-
-def resize_rel_pos_table(table: torch.Tensor, dst_rows: int, num_extra: int = 0) -> torch.Tensor:
-    """Resize a ((2W-1)^2 + extra, heads) relative position bias table to ``dst_rows`` rows.
-
-    The (2W-1) x (2W-1) grid of each head is resized bicubically (``F.interpolate``,
-    align_corners False, as the official Swin fine-tuning code); the ``num_extra`` trailing rows
-    (BEiT's cls-to-token, token-to-cls and cls-to-cls biases) are kept as they are.
-    """
-    rows, heads = table.shape
-    src, dst = rows - num_extra, dst_rows - num_extra
-    s, d = round(src ** 0.5), round(dst ** 0.5)
-    if s * s != src or d * d != dst:
-        raise UserError(f"relative position table of {rows} rows ({num_extra} extra) -> {dst_rows} rows: "
-                         f"the grids must be square")
-    grid, extra = table[:src], table[src:]
-    if s != d:
-        grid = F.interpolate(grid.float().t().reshape(1, heads, s, s), size=(d, d), mode="bicubic",
-                             align_corners=False).reshape(heads, d * d).t().to(table.dtype)
-    return torch.cat([grid, extra]).contiguous()
 
 
 def convert_to_timm(encoder_state: Dict[str, torch.Tensor], target: torch.nn.Module) -> Dict[str, torch.Tensor]:
