@@ -17,7 +17,6 @@ from data_helpers import data_config, make_photo_tree
 from engine_subprocess import ROOT, one_thread, subprocess_env  # noqa: F401
 from simmim_fast.cli import main as cli
 from simmim_fast.data import PretrainLoader, list_images
-from simmim_fast.data.index import BAD
 from simmim_fast.data.shard import sample_key
 from simmim_fast.data.webdataset import MANIFEST, Member, read_idx, scan_tar
 
@@ -231,3 +230,20 @@ def test_kill_and_resume_on_shards_gives_the_same_losses(folder, shards, tmp_pat
     assert train_main(args + ["--output-dir", str(cut)]) == 0  # --resume auto
     assert f"at step {saved} " in capsys.readouterr().out
     assert _losses(cut) == reference
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali_cpu"])
+def test_shard_cut_short_during_training_skips_its_members(backend, folder, tmp_path):
+    if backend == "dali_cpu" and not _dali():
+        pytest.skip("NVIDIA DALI is not installed")
+    shards = _shard(folder, tmp_path / "shards")
+    loader = PretrainLoader(data_config(shards, tmp_path, backend, max_skipped_fraction=1.0))
+    last = shards / json.loads((shards / MANIFEST).read_text())["shards"][-1]["tar"]
+    with open(last, "r+b") as f:  # after the index was built: found only when the members are read
+        f.truncate(512)
+    batches = [x for x, _ in loader.epoch(0)]
+    assert len(batches) == 3 and all(b.shape[0] == 4 for b in batches)
+    record = loader.stats()["epochs"][0]
+    lost = {r["path"] for r in record["files"]}
+    assert record["skipped"] >= 1 and all(p.startswith(str(last) + ":") for p in lost)
+    assert all(str(last) not in r["stand_in"] for r in record["files"])

@@ -71,6 +71,12 @@ def _dali_error_summary(e: BaseException) -> str:
     return ((op.group(1) + ": " if op else "") + msg)[:200]
 
 
+class _UnreadableSample(Exception):
+    def __init__(self, file: int, reason: str):
+        super().__init__(reason)
+        self.file, self.reason = file, reason
+
+
 class DaliDataBackend:
     def __init__(self, planner: Planner, size: int, gpu: bool, device: torch.device, num_threads: int,
                  prefetch: int, hw_decoder_load: float, output_fp16: bool, cache_dir: Path):
@@ -159,7 +165,14 @@ class DaliDataBackend:
         v = plan.views
         idx = np.arange(len(plan.files)) if samples is None else np.asarray(samples)
         if self.members:
-            pipe.feed_input("encoded", [self._sample_bytes(int(plan.files[j])) for j in idx])
+            data = []
+            for j in idx:
+                file = int(plan.files[j])
+                try:
+                    data.append(self._sample_bytes(file))
+                except OSError as e:  # e.g. a shard cut short since the index was built
+                    raise _UnreadableSample(file, f"unreadable: {type(e).__name__}: {e}") from e
+            pipe.feed_input("encoded", data)
         else:
             pipe.feed_input("paths", [self._path_bytes(int(plan.files[j])) for j in idx])
         pipe.feed_input("anchor", np.stack([v.left[idx], v.top[idx]], axis=1).astype(np.int32))
@@ -196,7 +209,12 @@ class DaliDataBackend:
                     self._pipe = self._build()
                 while pos < len(steps) and len(inflight) < self.prefetch:
                     plan = self.planner.plan(epoch, steps[pos])
-                    self._feed(self._pipe, plan)
+                    try:
+                        self._feed(self._pipe, plan)
+                    except _UnreadableSample as e:  # nothing was fed: plan the step again without the file
+                        self.planner.report_bad(e.file, e.reason)
+                        log.warning("data: %s: %s; replaced by a stand-in", self.index.paths[e.file], e.reason)
+                        continue
                     inflight.append(plan)
                     pos += 1
                 try:
