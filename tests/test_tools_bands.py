@@ -101,4 +101,7 @@ def test_finetune_takes_in_chans_and_normalisation_from_the_checkpoint(checkpoin
     assert "model.in_chans, data.mean, data.std taken from the pretraining checkpoint" in text
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["in_chans"] == 4 and saved["data"]["mean"] == MEAN and saved["data"]["std"] == STD
-    assert json.loads((out / "best" / "metrics.json").read_text())["model_kwargs"]["in_chans"] == 4
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["model_kwargs"]["in_chans"] == 4
+    assert best["normalisation"] == {"in_chans": 4, "mean": MEAN, "std": STD, "value_range": None}
+    assert read_normalisation(out / "best" / "model.safetensors")["mean"] == MEAN

@@ -29,6 +29,7 @@ from ..cli import add_job_arguments
 from ..config import Config, load_config
 from ..engine import run as engine_run
 from ..engine.optim import param_groups
+from ..tools.export import normalisation
 from ..weights import build_timm_model, load_source
 from ..errors import UserError
 
@@ -205,9 +206,12 @@ class BestKeeper:
     """Keeps ``<output_dir>/best/``: the best classifier so far (plain timm state dict, float32) and
     its metrics; survives a resume (the best top-1 is read back)."""
 
-    def __init__(self, output_dir: Path, model_name: str, model_kwargs: dict, num_classes: int):
+    def __init__(self, output_dir: Path, model_name: str, model_kwargs: dict, num_classes: int,
+                 normalisation: Optional[dict] = None):
         self.dir = Path(output_dir) / "best"
         self.info = {"model_name": model_name, "model_kwargs": model_kwargs, "num_classes": num_classes}
+        if normalisation is not None:  # what the classifier's inputs must be normalised with
+            self.info["normalisation"] = normalisation
         metrics = self.dir / "metrics.json"
         self.best = json.loads(metrics.read_text())["top1"] if metrics.is_file() else -1.0
 
@@ -219,7 +223,10 @@ class BestKeeper:
         tmp = self.dir.with_name(".best.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in state_fn().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = {"format": "pt"}
+        if "normalisation" in self.info:
+            meta["normalisation"] = json.dumps(self.info["normalisation"])
+        save_file(state, str(tmp / "model.safetensors"), metadata=meta)
         (tmp / "metrics.json").write_text(json.dumps(dict(self.info, top1=top1, step=step, epoch=epoch), indent=2))
         old = self.dir.with_name(".best.old")
         if self.dir.exists():
@@ -284,7 +291,8 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
         nonlocal keeper
         dist = ctx.dist
         keeper = BestKeeper(out, target["name"], {k: list(v) if isinstance(v, tuple) else v
-                                                  for k, v in target["kwargs"].items()}, num_classes)
+                                                  for k, v in target["kwargs"].items()}, num_classes,
+                            normalisation(cfg))
         results["best_top1"] = keeper.best
 
         def evaluate(state) -> None:
