@@ -1,10 +1,13 @@
-"""Loader throughput (images/s) per backend on a folder of JPEGs, masks and hand-off to torch included.
+"""Loader throughput (images/s) per backend on a folder of JPEGs, masks and hand-off to torch included;
+the same images as WebDataset shards (`simmim-fast shard`), and a multispectral case (4-band uint16 TIFFs,
+torch backend, model.in_chans 4).
 
 As a pytest-benchmark suite (tiny, CPU):   pytest benchmarks/bench_loader.py
 As a script (the GPU check uses this):
     python benchmarks/bench_loader.py --make-jpegs /tmp/jpegs --images 8192          # 500-px JPEGs
     python benchmarks/bench_loader.py --data /tmp/jpegs --backends dali dali_cpu torch synthetic \
-        --size 192 --batch 128 --threads 8 --cpu-threads 16 --json loader.json
+        --size 192 --batch 128 --threads 8 --cpu-threads 16 --layouts folder shards --json loader.json
+    python benchmarks/bench_loader.py --multispectral 4 --images 1024 --layouts folder shards   # TIFF tiles
 
 The JPEGs are random crops and resizes of the photos scikit-image ships, re-encoded at quality 90,
 with the longer side 500 px. A measurement runs one warm-up pass, then times whole epochs; on a GPU
@@ -30,7 +33,9 @@ if str(ROOT) not in sys.path:
 
 from simmim_fast import load_config  # noqa: E402
 from simmim_fast.data import PretrainLoader  # noqa: E402
+from simmim_fast.data.files import list_images  # noqa: E402
 from simmim_fast.data.samples import sample_photo_paths  # noqa: E402
+from simmim_fast.data.shard import write_shards  # noqa: E402
 
 
 def _one_jpeg(args) -> None:
@@ -68,12 +73,33 @@ def make_jpegs(out: Path, n: int, side: int = 500, seed: int = 0, workers: Optio
     return out
 
 
+def make_tiffs(out: Path, n: int, side: int = 256, bands: int = 4, seed: int = 0) -> Path:
+    """A flat folder of ``n`` ``bands``-band uint16 TIFF tiles, ``side`` x ``side`` px (smooth random fields)."""
+    import tifffile
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        f = [np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y) + rng.uniform(0, 6))
+             for _ in range(bands)]
+        a = ((np.stack(f, -1) + 1) / 2 * 60000 + rng.integers(0, 5000, (side, side, bands))).astype(np.uint16)
+        tifffile.imwrite(out / f"{i:06d}.tif", a, photometric="minisblack", planarconfig="contig")
+    return out
+
+
+def make_shards(data: Path, out: Path, shard_mb: float = 64) -> Path:
+    """``data`` as WebDataset shards in ``out`` (the same samples in the same order)."""
+    write_shards(list_images(str(data)), out, int(shard_mb * 2 ** 20), root=data, source=str(data))
+    return out
+
+
 def loader_config(data: Path, backend: str, size: int, batch: int, threads: int, cache_dir: Path,
-                  extra: List[str] = ()):
+                  extra: List[str] = (), in_chans: int = 3):
     # A Swin-B geometry at ``size`` px (masks: 32-px patches, 4-px tokens), as pretraining uses.
-    return load_config({"model": {"img_size": size}, "mask": {"mask_patch_size": 32},
+    bands = {} if in_chans == 3 else {"mean": [0.5] * in_chans, "std": [0.25] * in_chans}
+    return load_config({"model": {"img_size": size, "in_chans": in_chans}, "mask": {"mask_patch_size": 32},
                         "data": {"backend": backend, "path": str(data), "num_workers": threads,
-                                 "cache_dir": str(cache_dir), "synthetic_samples": 1 << 20},
+                                 "cache_dir": str(cache_dir), "synthetic_samples": 1 << 20, **bands},
                         "train": {"micro_batch_size": batch, "global_batch_size": batch}}, overrides=list(extra))
 
 
@@ -120,11 +146,32 @@ if pytest is not None:
     def jpeg_folder(tmp_path_factory):
         return make_jpegs(tmp_path_factory.mktemp("jpegs"), 32, side=500, workers=1)
 
+    @pytest.fixture(scope="module")
+    def jpeg_shards(jpeg_folder, tmp_path_factory):
+        return make_shards(jpeg_folder, tmp_path_factory.mktemp("jpeg_shards") / "s", shard_mb=0.2)
+
+    @pytest.fixture(scope="module")
+    def tiff_folder(tmp_path_factory):
+        return make_tiffs(tmp_path_factory.mktemp("tiffs"), 32, side=128)
+
+    @pytest.mark.parametrize("layout", ["folder", "shards"])
     @pytest.mark.parametrize("backend", _bench_backends())
-    def test_loader_throughput(benchmark, backend, jpeg_folder, tmp_path):
+    def test_loader_throughput(benchmark, backend, layout, jpeg_folder, jpeg_shards, tmp_path):
+        if backend == "synthetic" and layout == "shards":
+            pytest.skip("synthetic reads no files")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        cfg = loader_config(jpeg_folder, backend, 96, 8, 2, tmp_path / "cache")
+        data = jpeg_folder if layout == "folder" else jpeg_shards
+        cfg = loader_config(data, backend, 96, 8, 2, tmp_path / "cache")
         result = benchmark.pedantic(lambda: measure(cfg, device, epochs=1, warmup_steps=1, max_steps=4), rounds=2,
+                                    iterations=1)
+        benchmark.extra_info.update({k: round(v, 2) for k, v in result.items()})
+        assert result["images"] == 32
+
+    @pytest.mark.parametrize("layout", ["folder", "shards"])
+    def test_multispectral_throughput(benchmark, layout, tiff_folder, tmp_path):
+        data = tiff_folder if layout == "folder" else make_shards(tiff_folder, tmp_path / "s", shard_mb=0.5)
+        cfg = loader_config(data, "torch", 64, 8, 2, tmp_path / "cache", in_chans=4)
+        result = benchmark.pedantic(lambda: measure(cfg, "cpu", epochs=1, warmup_steps=1, max_steps=4), rounds=2,
                                     iterations=1)
         benchmark.extra_info.update({k: round(v, 2) for k, v in result.items()})
         assert result["images"] == 32
@@ -144,6 +191,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="DALI threads ('dali_cpu') and DataLoader workers ('torch')")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--layouts", nargs="+", choices=["folder", "shards"], default=["folder"],
+                   help="read the images from the folder and/or from WebDataset shards of it (default folder)")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="shard size for --layouts shards")
+    p.add_argument("--multispectral", type=int, metavar="C", default=0,
+                   help="instead of JPEGs: --images C-band uint16 TIFF tiles of --side px (torch backend only)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.make_jpegs:
@@ -152,29 +204,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {args.images} JPEGs ({args.side} px) to {args.make_jpegs} in {time.perf_counter() - t:.1f} s")
         return 0
     tmp = tempfile.TemporaryDirectory()
-    data = args.data or make_jpegs(Path(tmp.name) / "jpegs", args.images, args.side)
+    c = args.multispectral or 3
+    if args.multispectral:
+        data = args.data or make_tiffs(Path(tmp.name) / "tiffs", args.images, args.side, bands=c)
+        backends = [b for b in args.backends if b == "torch"] or ["torch"]  # the DALI backends read RGB only
+    else:
+        data = args.data or make_jpegs(Path(tmp.name) / "jpegs", args.images, args.side)
+        backends = args.backends
+    sources = {"folder": data}
+    if "shards" in args.layouts:
+        t = time.perf_counter()
+        sources["shards"] = make_shards(data, Path(tmp.name) / "shards", args.shard_mb)
+        print(f"sharded {data} in {time.perf_counter() - t:.1f} s", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, failed = [], 0
-    for backend in args.backends:
-        if backend == "dali" and device != "cuda":
-            print("skip dali: no CUDA device")
-            continue
-        threads = args.threads if backend == "dali" else args.cpu_threads
-        cfg = loader_config(data, backend, args.size, args.batch, threads, Path(tmp.name) / "cache", args.set)
-        n_images = sum(1 for _ in data.rglob("*.jpg")) if backend == "synthetic" else None
-        try:
-            r = measure(cfg, device, epochs=args.epochs, max_steps=(n_images or 0) // args.batch or None)
-        except Exception as e:  # noqa: BLE001 - report it and still measure the other backends
-            print(f"{backend:>10}  failed: {type(e).__name__}: {e}", flush=True)
-            failed += 1
-            continue
-        r.update(backend=backend, threads=threads, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
-        rows.append(r)
-        print(f"{backend:>10}  threads {threads:>3}  {r['img_per_s']:>9.0f} img/s  {r['ms_per_batch']:>7.2f} ms/batch "
-              f"({r['images']} images, {r['seconds']:.2f} s)", flush=True)
-        if args.json:  # after every row, so a later failure or timeout keeps what was measured
-            args.json.write_text(json.dumps({"size": args.size, "batch": args.batch, "images": args.images,
-                                             "data": str(data), "results": rows}, indent=1))
+    n_files = len(list_images(str(data)))
+    for layout in args.layouts:
+        for backend in backends:
+            if backend == "dali" and device != "cuda":
+                print("skip dali: no CUDA device")
+                continue
+            if backend == "synthetic" and layout == "shards":
+                continue
+            threads = args.threads if backend == "dali" else args.cpu_threads
+            cfg = loader_config(sources[layout], backend, args.size, args.batch, threads, Path(tmp.name) / "cache",
+                                args.set, in_chans=c)
+            try:
+                r = measure(cfg, device, epochs=args.epochs,
+                            max_steps=(n_files // args.batch or None) if backend == "synthetic" else None)
+            except Exception as e:  # noqa: BLE001 - report it and still measure the other backends
+                print(f"{backend:>10} {layout:>6}  failed: {type(e).__name__}: {e}", flush=True)
+                failed += 1
+                continue
+            r.update(backend=backend, layout=layout, in_chans=c, threads=threads,
+                     device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+            rows.append(r)
+            print(f"{backend:>10} {layout:>6} C={c}  threads {threads:>3}  {r['img_per_s']:>9.0f} img/s  "
+                  f"{r['ms_per_batch']:>7.2f} ms/batch ({r['images']} images, {r['seconds']:.2f} s)", flush=True)
+            if args.json:  # after every row, so a later failure or timeout keeps what was measured
+                args.json.write_text(json.dumps({"size": args.size, "batch": args.batch, "images": args.images,
+                                                 "data": str(data), "results": rows}, indent=1))
     return 1 if failed else 0
 
 

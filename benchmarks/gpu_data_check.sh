@@ -49,6 +49,9 @@ timeout 240 python3 benchmarks/bench_loader.py --data "$data" --backends dali da
 timeout 60 python3 benchmarks/bench_loader.py --data "$data" --backends dali --size 192 --batch 128 --threads 8 \
   --epochs 2 --set data.dali_hw_decoder_load=0.9 --json "$out/loader_hw09.json" 2>&1 | grep -v '^libpng' \
   | tee -a "$out/loader.txt"
+timeout 120 python3 benchmarks/bench_loader.py --data "$data" --backends dali dali_cpu --layouts shards --size 192 \
+  --batch 128 --threads 8 --cpu-threads "$(nproc)" --epochs 1 --json "$out/loader_shards.json" 2>&1 \
+  | grep -v '^libpng' | tee -a "$out/loader.txt"
 
 step "train step: synthetic vs dali (Swin-B, 192 px, batch 128, bf16, compiled)"
 timeout 330 python3 benchmarks/bench_train_step.py --config configs/swin_b.json --data "$data" \
@@ -65,7 +68,8 @@ def load(name):
     p = out / name
     return json.loads(p.read_text())["results"] if p.exists() else []
 print("loader, 500-px JPEGs -> 192 px, batch 128, masks + hand-off included:")
-for r in load("loader.json") + [dict(r, backend=r["backend"] + " (hw 0.9)") for r in load("loader_hw09.json")]:
+for r in (load("loader.json") + [dict(r, backend=r["backend"] + " (hw 0.9)") for r in load("loader_hw09.json")]
+          + [dict(r, backend=r["backend"] + " (shards)") for r in load("loader_shards.json")]):
     note = "  target >= 15,000" if r["backend"].startswith("dali") and "cpu" not in r["backend"] else ""
     print(f"  {r['backend']:<16} threads {r['threads']:>3}  {r['img_per_s']:>9,.0f} img/s{note}")
 rows = load("train.json")

@@ -31,6 +31,7 @@ COMMANDS = {
     "visualize": ("simmim_fast.tools.visualize", "reconstruction PNGs for a checkpoint; inpaint a user mask"),
     "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
     "stats": ("simmim_fast.data.stats", "per-channel mean/std of a dataset, as --set data.mean/data.std lines"),
+    "shard": ("simmim_fast.data.shard", "write a dataset as WebDataset tar shards (+ DALI .idx files, manifest.json)"),
 }
 
 

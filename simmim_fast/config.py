@@ -126,11 +126,13 @@ class DataConfig:
     backend: Literal["torch", "dali", "dali_cpu", "synthetic"] = _f(
         "torch", "Loader: 'torch' (torchvision + DataLoader workers), 'dali' (GPU JPEG decode), 'dali_cpu' "
                  "(DALI on CPU threads) or 'synthetic' (random tensors on the device: measures the model only).")
-    path: Optional[str] = _f(None, "Dataset: an ImageFolder tree, a flat folder of images, or a text file "
-                                   "listing image paths. null = the sample photos that scikit-image ships.")
-    layout: Literal["auto", "imagefolder", "flat", "filelist"] = _f(
-        "auto", "How to read data.path: 'auto' detects (file -> filelist; folder with only sub-folders of "
-                "images -> imagefolder; else flat).")
+    path: Optional[str] = _f(None, "Dataset: an ImageFolder tree, a flat folder of images, a text file "
+                                   "listing image paths, or a folder of shards (`simmim-fast shard`). null = the "
+                                   "sample photos that scikit-image ships.")
+    layout: Literal["auto", "imagefolder", "flat", "filelist", "webdataset"] = _f(
+        "auto", "How to read data.path: 'auto' detects (a shard folder or its manifest.json -> webdataset; "
+                "another file -> filelist; folder with only sub-folders of images -> imagefolder; else flat). "
+                "'webdataset': tar shards written by `simmim-fast shard` (data.path = their folder or manifest).")
     num_workers: int = _f(4, "Loader worker processes (torch) or threads (dali, dali_cpu).")
     crop_scale: Tuple[float, float] = _f((0.67, 1.0), "RandomResizedCrop area fraction range.")
     crop_ratio: Tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect ratio range.")
@@ -158,6 +160,14 @@ class DataConfig:
     dali_hw_decoder_load: float = _f(0.65, "Backend 'dali': share of JPEG work given to the GPU's hardware JPEG "
                                            "decoder (A100/H100), in [0, 1].")
     synthetic_samples: int = _f(1281167, "Backend 'synthetic': samples per epoch (default: ImageNet-1K train size).")
+    vflip_prob: float = _f(0.0, "Vertical flip probability (backend 'torch'; every band alike). For overhead "
+                                "imagery, which has no up.")
+    rot90: bool = _f(False, "Rotate each sample by 0, 90, 180 or 270 degrees, uniformly (backend 'torch'; "
+                            "after the crop-resize, so the square output keeps its size).")
+    value_range: Optional[Tuple[float, float]] = _f(
+        None, "[lo, hi] in stored pixel units mapped to 0..1 (not clipped), e.g. [0, 4095] for 12-bit sensor data "
+              "in 16-bit files; null = the default scaling (uint8 / 255, uint16 / 65535, float as stored). "
+              "Backend 'torch'; data.mean / data.std and `simmim-fast stats` are in the mapped space.")
 
     def validate(self) -> None:
         if self.num_workers < 0:
@@ -184,6 +194,10 @@ class DataConfig:
             _err("data.hflip_prob", self.hflip_prob, "must be in [0, 1]")
         if any(s <= 0 for s in self.std):
             _err("data.std", list(self.std), "must be positive")
+        if not 0 <= self.vflip_prob <= 1:
+            _err("data.vflip_prob", self.vflip_prob, "must be in [0, 1]")
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            _err("data.value_range", list(self.value_range), "must be [lo, hi] with lo < hi, or null")
 
 
 @dataclass

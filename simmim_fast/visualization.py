@@ -57,9 +57,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def reconstruction_panels(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor,
-                          mean: Sequence[float], std: Sequence[float]) -> Dict[str, np.ndarray]:
+                          mean: Sequence[float], std: Sequence[float],
+                          bands: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
     """uint8 RGB panels (B, H, W, 3): 'original', 'masked', 'reconstruction', 'pasted'; and
-    'pixel_mask' (B, H, W) bool, True = hidden."""
+    'pixel_mask' (B, H, W) bool, True = hidden. ``bands``: see to_uint8_rgb."""
     model = _unwrap(model)
     was_training = model.training
     model.eval()
@@ -74,8 +75,8 @@ def reconstruction_panels(model: torch.nn.Module, images: torch.Tensor, mask: to
         rec = denormalize_targets(rec, x, model.cfg.norm_targets_window)
     p = images.shape[-1] // mask.shape[-1]
     pixel_mask = mask.bool().cpu().repeat_interleave(p, 1).repeat_interleave(p, 2)
-    original = to_uint8_rgb(images, mean, std)
-    reconstruction = to_uint8_rgb(rec, mean, std)
+    original = to_uint8_rgb(images, mean, std, bands)
+    reconstruction = to_uint8_rgb(rec, mean, std, bands)
     hidden = pixel_mask.numpy()[..., None]
     grey = np.full_like(original, 128)
     return {"original": original, "masked": np.where(hidden, grey, original),
@@ -120,23 +121,24 @@ def render_grid(rows: List[List[np.ndarray]], scale: int = 1, labels: Optional[S
 
 def reconstruction_grid(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, mean: Sequence[float],
                         std: Sequence[float], scale: int = 1, drawings: Optional[np.ndarray] = None,
-                        snapped: Optional[np.ndarray] = None, max_rows: int = 8) -> Image.Image:
+                        snapped: Optional[np.ndarray] = None, max_rows: int = 8,
+                        bands: Optional[Sequence[int]] = None) -> Image.Image:
     """The grid as a PIL image: a row of panels per image (at most ``max_rows``).
 
     ``model`` is a SimMIM model (DeepSpeed / DDP / compiled wrappers are unwrapped), ``images``
-    (B, 3, S, S) normalised, ``mask`` the token mask (B, S/p, S/p). It runs in eval mode without
+    (B, C, S, S) normalised (``bands``: which 3 of C are shown as RGB, see to_uint8_rgb), ``mask`` the token mask (B, S/p, S/p). It runs in eval mode without
     gradients and restores the model's mode. ``drawings`` (B, S, S) and ``snapped`` (B, g, g) add
     the snapping panel for user masks.
     """
     if images.dim() != 4:
-        raise UserError(f"reconstruction_grid: images must be (B, 3, S, S), got {tuple(images.shape)}")
+        raise UserError(f"reconstruction_grid: images must be (B, C, S, S), got {tuple(images.shape)}")
     if mask.dim() != 3 or mask.shape[0] != images.shape[0]:
         raise UserError(f"reconstruction_grid: mask must be (B, S/p, S/p) for images {tuple(images.shape)}, "
                          f"got {tuple(mask.shape)}")
     if not isinstance(scale, int) or scale < 1:
         raise UserError(f"reconstruction_grid: scale must be a positive int, got {scale!r}")
     n = min(images.shape[0], max_rows)
-    panels = reconstruction_panels(model, images[:n], mask[:n], mean, std)
+    panels = reconstruction_panels(model, images[:n], mask[:n], mean, std, bands)
     rows = []
     for i in range(n):
         row = [panels[k][i] for k in ("original", "masked", "reconstruction", "pasted")]

@@ -28,6 +28,7 @@ import torch
 from .index import CONVERT
 from .plan import Planner, StepPlan
 from .transforms import load_rgb
+from .webdataset import MemberTable, source_key
 
 __all__ = ["DaliDataBackend", "import_dali", "converted_copy"]
 
@@ -46,10 +47,10 @@ def import_dali():
     return dali, fn, types
 
 
-def converted_copy(path: Path, cache_dir: Path) -> Path:
-    """An 8-bit RGB PNG copy of an image the DALI decoders cannot read (made once, then reused)."""
-    st = path.stat()
-    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
+def converted_copy(path, cache_dir: Path) -> Path:
+    """An 8-bit RGB PNG copy of an image (file or shard member) the DALI decoders cannot read (made once,
+    then reused)."""
+    key = hashlib.sha1(source_key(path).encode("utf-8", "surrogateescape")).hexdigest()
     out = cache_dir / "converted" / f"{key[:24]}.png"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +71,12 @@ def _dali_error_summary(e: BaseException) -> str:
     return ((op.group(1) + ": " if op else "") + msg)[:200]
 
 
+class _UnreadableSample(Exception):
+    def __init__(self, file: int, reason: str):
+        super().__init__(reason)
+        self.file, self.reason = file, reason
+
+
 class DaliDataBackend:
     def __init__(self, planner: Planner, size: int, gpu: bool, device: torch.device, num_threads: int,
                  prefetch: int, hw_decoder_load: float, output_fp16: bool, cache_dir: Path):
@@ -84,6 +91,10 @@ class DaliDataBackend:
         self.std = [255.0 * s for s in d.std]
         self.cache_dir = cache_dir
         self.name = "dali" if gpu else "dali_cpu"
+        # Shards: the member bytes are read here (one pread each) and fed to the decoder, so samples,
+        # order and stand-ins are the planner's, exactly as for files (fn.readers.webdataset reads in
+        # its own order and cannot skip a bad member).
+        self.members = isinstance(self.index.paths, MemberTable)
         self._encoded: Dict[int, np.ndarray] = {}  # file -> its PNG copy's path, for files DALI cannot read
         self._pipe = None
         self._probe = None
@@ -111,6 +122,12 @@ class DaliDataBackend:
         enc = self._encoded.get(file)  # only the files read from a PNG copy
         return np.frombuffer(self.index.paths.raw(file), dtype=np.uint8) if enc is None else enc
 
+    def _sample_bytes(self, file: int) -> np.ndarray:
+        enc = self._encoded.get(file)
+        if enc is not None:  # a PNG copy of a member DALI cannot decode
+            return np.fromfile(os.fsdecode(enc.tobytes()), dtype=np.uint8)
+        return np.frombuffer(self.index.paths[file].read(), dtype=np.uint8)
+
     def _build(self):
         fn, types = self.fn, self.types
         # Queue depth 1: run() keeps data.dali_prefetch iterations scheduled itself (the dynamic
@@ -119,11 +136,14 @@ class DaliDataBackend:
                                   device_id=self.device_id, prefetch_queue_depth=1, exec_dynamic=True,
                                   seed=self.planner.seed)
         with pipe:
-            paths = fn.external_source(name="paths", dtype=types.UINT8, ndim=1)
+            if self.members:
+                encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            else:
+                paths = fn.external_source(name="paths", dtype=types.UINT8, ndim=1)
+                encoded = fn.io.file.read(paths)
             anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
             shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
             flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-            encoded = fn.io.file.read(paths)
             decode = dict(output_type=types.RGB, adjust_orientation=False, normalized_anchor=False,
                           normalized_shape=False)
             if self.gpu:
@@ -144,7 +164,17 @@ class DaliDataBackend:
     def _feed(self, pipe, plan: StepPlan, samples: Optional[Sequence[int]] = None) -> None:
         v = plan.views
         idx = np.arange(len(plan.files)) if samples is None else np.asarray(samples)
-        pipe.feed_input("paths", [self._path_bytes(int(plan.files[j])) for j in idx])
+        if self.members:
+            data = []
+            for j in idx:
+                file = int(plan.files[j])
+                try:
+                    data.append(self._sample_bytes(file))
+                except OSError as e:  # e.g. a shard cut short since the index was built
+                    raise _UnreadableSample(file, f"unreadable: {type(e).__name__}: {e}") from e
+            pipe.feed_input("encoded", data)
+        else:
+            pipe.feed_input("paths", [self._path_bytes(int(plan.files[j])) for j in idx])
         pipe.feed_input("anchor", np.stack([v.left[idx], v.top[idx]], axis=1).astype(np.int32))
         pipe.feed_input("shape", np.stack([v.width[idx], v.height[idx]], axis=1).astype(np.int32))
         pipe.feed_input("flip", v.flip[idx].astype(np.int32))
@@ -179,7 +209,12 @@ class DaliDataBackend:
                     self._pipe = self._build()
                 while pos < len(steps) and len(inflight) < self.prefetch:
                     plan = self.planner.plan(epoch, steps[pos])
-                    self._feed(self._pipe, plan)
+                    try:
+                        self._feed(self._pipe, plan)
+                    except _UnreadableSample as e:  # nothing was fed: plan the step again without the file
+                        self.planner.report_bad(e.file, e.reason)
+                        log.warning("data: %s: %s; replaced by a stand-in", self.index.paths[e.file], e.reason)
+                        continue
                     inflight.append(plan)
                     pos += 1
                 try:

@@ -1,10 +1,12 @@
-"""Finding the images of a dataset: ImageFolder tree, flat folder, or a file list."""
+"""Finding the images of a dataset: ImageFolder tree, flat folder, a file list, or WebDataset shards."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional, Sequence
 
+from .index import default_cache_dir
 from .samples import sample_photo_paths
+from .webdataset import is_shard_dataset, open_shards
 from ..errors import UserError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif", ".npy")
@@ -17,7 +19,10 @@ def _is_image(p: Path) -> bool:
 
 
 def detect_layout(path: Path) -> str:
-    """'filelist' for a file, 'imagefolder' for a folder whose entries are only sub-folders, else 'flat'."""
+    """'webdataset' for a shard folder or manifest, 'filelist' for another file, 'imagefolder' for a folder
+    whose entries are only sub-folders, else 'flat'."""
+    if is_shard_dataset(path):
+        return "webdataset"
     if path.is_file():
         return "filelist"
     entries = [e for e in path.iterdir() if not e.name.startswith(".")]
@@ -26,11 +31,13 @@ def detect_layout(path: Path) -> str:
     return "flat"
 
 
-def list_images(path: Optional[str], layout: str = "auto") -> List[Path]:
+def list_images(path: Optional[str], layout: str = "auto", cache_dir: Optional[str] = None) -> Sequence:
     """Sorted image paths of the dataset (sorted so that every rank sees the same order).
 
-    ``path`` None means the sample photos shipped with scikit-image. Raises FileNotFoundError if
-    the path is missing and ValueError if it holds no images.
+    ``path`` None means the sample photos shipped with scikit-image. For shards (layout
+    'webdataset') the samples are shard members (``webdataset.Member``) in the order they were
+    sharded; ``cache_dir`` keeps their verified checksums. Raises FileNotFoundError if the path
+    is missing and ValueError if it holds no images.
     """
     if path is None:
         return sample_photo_paths()
@@ -39,6 +46,11 @@ def list_images(path: Optional[str], layout: str = "auto") -> List[Path]:
         raise MissingFileError(f"data.path does not exist: {root}")
     if layout == "auto":
         layout = detect_layout(root)
+    if layout == "webdataset":
+        members = open_shards(root, cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+        if not len(members):
+            raise UserError(f"the shards at data.path {root} hold no samples")
+        return members
     if layout == "filelist":
         if not root.is_file():
             raise UserError(f"data.layout is 'filelist' but data.path {root} is not a file")

@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .transforms import load_rgb
+from .transforms import array_channels, load_rgb, pil_channels
+from .webdataset import Member, MemberTable, open_source, source_suffix
 from ..errors import UserError
 
 __all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "PathTable", "check_image_file",
@@ -42,6 +43,8 @@ CHECKS = {"header": 1, "decode": 2}
 # PIL format names of what nvImageCodec (the DALI decoders) reads; MPO is a multi-picture JPEG.
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"}
 _TAIL_BYTES = 16384
+ARRAY_SUFFIXES = (".npy", ".tif", ".tiff")  # read by numpy / tifffile when bands are kept as stored
+TORCH_ONLY = "(torch backend only)"  # the note of files only the torch backend reads
 _CACHE_VERSION = 1
 
 
@@ -62,51 +65,69 @@ def _describe_mode(fmt: str, mode: str, head: bytes) -> str:
             "I;16B": "16-bit greyscale", "I": "32-bit integer", "F": "floating point"}.get(mode, "")
 
 
-def _array_header(path: Path) -> Optional[FileCheck]:
-    """Size of a file PIL cannot open but tifffile (multi-band TIFF) or numpy (.npy) can; None if neither.
-
-    The channel axis is taken as the shortest one here (the loader picks it from model.in_chans)."""
+def _array_header(path, channels: int) -> Optional[FileCheck]:
+    """Size and channel count of a ``.npy`` array or a TIFF read with tifffile (what the torch backend's
+    band reader opens); None for other files. ``path`` is a file or a shard member."""
+    suffix = source_suffix(path)
     try:
-        if path.suffix.lower() == ".npy":
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        if suffix == ".npy":
+            with open_source(path) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
             what = ".npy array"
-        elif path.suffix.lower() in (".tif", ".tiff"):
+        elif suffix in (".tif", ".tiff"):
             import tifffile
-            with tifffile.TiffFile(path) as t:
-                page = t.pages[0]
-                h, w = int(page.imagelength), int(page.imagewidth)
-            return FileCheck(w, h, CONVERT, "", f"multi-band TIFF {page.shape} {page.dtype} (torch backend only)")
+            with open_source(path) as f, tifffile.TiffFile(f) as t:
+                series = t.series[0]  # what tifffile.imread returns
+                shape, dtype = series.shape, series.dtype
+            what = "TIFF"
         else:
             return None
     except Exception as e:  # noqa: BLE001
         return FileCheck(reason=f"unreadable array header: {type(e).__name__}: {e}")
-    if len(shape) == 2:
-        h, w = shape
-    elif len(shape) == 3:
-        h, w = shape[:2] if shape[-1] <= shape[0] else shape[1:]
-    else:
-        return FileCheck(reason=f"array of shape {tuple(shape)} is not (H, W), (H, W, C) or (C, H, W)")
-    return FileCheck(int(w), int(h), CONVERT, "", f"{what} {tuple(shape)} (torch backend only)")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3):
+        return FileCheck(reason=f"array of shape {shape} is not (H, W), (H, W, C) or (C, H, W)")
+    found, h, w = array_channels(shape, channels)
+    if found is None:
+        return FileCheck(reason=f"array of shape {shape} has no axis of {channels} channels (model.in_chans)")
+    if found != channels:
+        return FileCheck(w, h, BAD, f"{found} channels, model.in_chans is {channels}")
+    if w < 1 or h < 1:
+        return FileCheck(reason=f"image has no pixels ({w}x{h})")
+    return FileCheck(w, h, CONVERT, "", f"{what} {shape} {dtype} {TORCH_ONLY}")
 
 
-def check_image_file(path: str | os.PathLike, check: str = "header") -> FileCheck:
-    """Check one file (never raises for a bad file: the reason is in the result)."""
+def check_image_file(path, check: str = "header", channels: Optional[int] = None) -> FileCheck:
+    """Check one file or shard member (never raises for a bad file: the reason is in the result).
+
+    ``channels`` None: the file will be read as 8-bit RGB (model.in_chans 3, default scaling), and
+    only arrays are checked for 3 channels; else the file's bands must number ``channels``
+    (a file with another count is unusable, never cropped or padded)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    if isinstance(path, Member):
+        if path.offset < 0:
+            return FileCheck(reason="member missing from damaged shard (its tar header is unreadable)")
+    else:
+        path = Path(path)
     try:
-        size = path.stat().st_size
+        size = path.size if isinstance(path, Member) else path.stat().st_size
         if size == 0:
             return FileCheck(reason="empty file (0 bytes)")
-        with open(path, "rb") as f:
+        if channels is not None and source_suffix(path) in ARRAY_SUFFIXES:
+            return _array_header(path, channels)  # the band reader opens these with numpy / tifffile
+        with open_source(path) as f:
             head = f.read(32)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read()
-        with Image.open(path) as im:
-            fmt, mode, (w, h) = im.format or "", im.mode, im.size
-            frames = getattr(im, "n_frames", 1)
+            f.seek(0)
+            with Image.open(f) as im:
+                fmt, mode, (w, h) = im.format or "", im.mode, im.size
+                frames = getattr(im, "n_frames", 1)
     except UnidentifiedImageError:
-        arr = _array_header(path)  # multi-band / 16-bit TIFF and .npy arrays: read by the torch backend
+        arr = _array_header(path, channels or 3)  # multi-band / 16-bit TIFF and .npy arrays: read by the torch backend
         if arr is not None:
             return arr
         return FileCheck(reason="not an image (no known image format)")
@@ -114,6 +135,8 @@ def check_image_file(path: str | os.PathLike, check: str = "header") -> FileChec
         return FileCheck(reason=f"unreadable header: {type(e).__name__}: {e}")
     if w < 1 or h < 1:
         return FileCheck(reason=f"image has no pixels ({w}x{h})")
+    if channels is not None and pil_channels(mode) != channels:
+        return FileCheck(w, h, BAD, f"{pil_channels(mode)} channels, model.in_chans is {channels}")
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return FileCheck(w, h, BAD, "truncated JPEG (no end-of-image marker)")
     if fmt == "PNG" and b"IEND" not in tail[-64:]:
@@ -135,9 +158,9 @@ def check_image_file(path: str | os.PathLike, check: str = "header") -> FileChec
     return FileCheck(w, h, status, "", "; ".join(notes))
 
 
-def _check_many(args: Tuple[List[str], str]) -> List[FileCheck]:
-    paths, check = args
-    return [check_image_file(p, check) for p in paths]
+def _check_many(args: Tuple[list, str, Optional[int]]) -> List[FileCheck]:
+    paths, check, channels = args
+    return [check_image_file(p, check, channels) for p in paths]
 
 
 class PathTable(Sequence[Path]):
@@ -243,26 +266,33 @@ def _save_cache(file: Path, rows: Dict[str, tuple]) -> None:
     os.replace(tmp, file)
 
 
-def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
+def build_index(paths: Sequence, dataset_key: str, check: str = "header",
                 cache_dir: Optional[str | os.PathLike] = None, workers: int = 4, processes: bool = False,
-                use_cache: bool = True, progress: Optional[Callable[[int, int], None]] = None) -> ImageIndex:
+                use_cache: bool = True, progress: Optional[Callable[[int, int], None]] = None,
+                channels: Optional[int] = None) -> ImageIndex:
     """Check every file (or take the cached result for unchanged files) and return the index.
 
     ``dataset_key`` names the dataset in the cache (its resolved path and layout); ``processes``
     checks in worker processes (for the scan command) instead of threads (safe inside training).
+    ``paths`` are file paths, or a ``MemberTable`` of shard members (cached by member size and
+    shard modification time). ``channels``: see check_image_file (part of ``dataset_key`` when set).
     """
     if check not in CHECKS:
         raise UserError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
     start = time.perf_counter()
     level = CHECKS[check]
+    members = isinstance(paths, MemberTable)
     names = [str(p) for p in paths]
     stats: List[Tuple[int, int]] = []
-    for p in names:
-        try:
-            st = os.stat(p)
-            stats.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            stats.append((-1, -1))
+    if members:
+        stats = paths.stats()
+    else:
+        for p in names:
+            try:
+                st = os.stat(p)
+                stats.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((-1, -1))
     cache_file = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), dataset_key) if use_cache else None
     cached = _load_cache(cache_file) if cache_file is not None and cache_file.is_file() else {}
     results: List[Optional[tuple]] = []
@@ -281,7 +311,8 @@ def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
         pool = (ProcessPoolExecutor(workers) if processes and workers > 1 else ThreadPoolExecutor(max(1, workers)))
         done = 0
         with pool:
-            for batch, checks in zip(batches, pool.map(_check_many, [([names[i] for i in b], check) for b in batches])):
+            for batch, checks in zip(batches, pool.map(_check_many, [([paths[i] if members else names[i] for i in b], check, channels)
+                                                                     for b in batches])):
                 for i, c in zip(batch, checks):
                     results[i] = (stats[i][0], stats[i][1], level, c.width, c.height, c.status, c.reason, c.note)
                 done += len(batch)
@@ -297,7 +328,7 @@ def build_index(paths: Sequence[Path], dataset_key: str, check: str = "header",
                 cache_file = None
     rows = results  # every entry is filled now
     index = ImageIndex(
-        paths=PathTable(names),
+        paths=paths if members else PathTable(names),
         width=np.array([r[3] for r in rows], dtype=np.int64),
         height=np.array([r[4] for r in rows], dtype=np.int64),
         status=np.array([r[5] for r in rows], dtype=np.int8),

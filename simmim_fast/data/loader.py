@@ -25,7 +25,7 @@ from ..config import Config
 from ..errors import UserError
 from ..masking import BatchMaskGenerator
 from .files import list_images
-from .index import CONVERT, ImageIndex, build_index, default_cache_dir
+from .index import BAD, CONVERT, TORCH_ONLY, ImageIndex, build_index, default_cache_dir
 from .plan import Planner, epoch_order
 
 __all__ = ["PretrainLoader", "epoch_order", "load_index"]
@@ -40,13 +40,21 @@ def load_index(cfg: Config, workers: Optional[int] = None, processes: bool = Fal
     """The checked file index of cfg.data.path (from the cache for unchanged files); ``paths`` are its
     files when the caller has listed them already."""
     d = cfg.data
-    paths = list_images(d.path, d.layout) if paths is None else paths
-    root = Path(d.path).expanduser().resolve() if d.path is not None else paths[0].parent
-    index = build_index(paths, f"{root}|{d.layout}", d.check, cache_dir=_cache_dir(cfg),
+    paths = list_images(d.path, d.layout, cache_dir=d.cache_dir) if paths is None else paths
+    root = Path(d.path).expanduser().resolve() if d.path is not None else Path(str(paths[0])).parent
+    channels = band_channels(cfg)
+    key = f"{root}|{d.layout}" + ("" if channels is None else f"|bands{channels}")
+    index = build_index(paths, key, d.check, cache_dir=_cache_dir(cfg),
                         workers=max(1, d.num_workers if workers is None else workers), processes=processes,
-                        progress=progress)
+                        progress=progress, channels=channels)
     index.restrict_min_side(d.min_image_side)
     return index
+
+
+def band_channels(cfg: Config) -> Optional[int]:
+    """None when files are read as 8-bit RGB (model.in_chans 3 and no data.value_range), else the number of
+    bands every file must have (read as stored)."""
+    return None if cfg.model.in_chans == 3 and cfg.data.value_range is None else cfg.model.in_chans
 
 
 def _cache_dir(cfg: Config) -> Path:
@@ -85,13 +93,25 @@ class PretrainLoader:
             self.micro_batches_per_epoch = (self.num_samples // world_size) // self.batch_size
             self._check_steps(f"data.synthetic_samples = {d.synthetic_samples}")
             return
-        if d.backend in ("dali", "dali_cpu") and m.in_chans != 3:
-            raise UserError(f"data.backend '{d.backend}' decodes 3-channel RGB only; model.in_chans = {m.in_chans} "
-                            f"needs data.backend 'torch' (--set data.backend=torch)")
+        if d.backend in ("dali", "dali_cpu"):
+            torch_only = [f"model.in_chans = {m.in_chans}" if m.in_chans != 3 else "",
+                          f"data.value_range = {list(d.value_range)}" if d.value_range is not None else "",
+                          f"data.vflip_prob = {d.vflip_prob}" if d.vflip_prob > 0 else "",
+                          "data.rot90 = true" if d.rot90 else ""]
+            torch_only = [t for t in torch_only if t]
+            if torch_only:
+                raise UserError(f"data.backend '{d.backend}' decodes 8-bit RGB with crops and horizontal flips only; "
+                                f"{', '.join(torch_only)} needs data.backend 'torch' (--set data.backend=torch)")
         if d.backend in ("dali", "dali_cpu"):
             from .dali_loader import import_dali
             import_dali()  # fail now, naming the missing package, not after the file check
         self.index = load_index(cfg, paths=paths)
+        if d.backend in ("dali", "dali_cpu"):
+            arrays = [i for i, note in self.index.notes.items() if TORCH_ONLY in note and self.index.status[i] != BAD]
+            if arrays:
+                raise UserError(f"{len(arrays)} files of data.path = {d.path} are arrays the DALI decoders cannot read "
+                                f"(e.g. {self.index.paths[arrays[0]]}: {self.index.notes[arrays[0]]}); use data.backend "
+                                f"'torch' (--set data.backend=torch)")
         self.num_samples = len(self.index)
         self.micro_batches_per_epoch = (self.num_samples // world_size) // self.batch_size
         self._check_steps(f"data.path = {d.path}")

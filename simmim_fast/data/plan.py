@@ -66,7 +66,7 @@ class Planner:
         files = self.resolver.resolve(slots)
         d = self.data
         views = sample_views(self.seed, epoch, slots, self.index.width[files], self.index.height[files],
-                             d.crop_scale, d.crop_ratio, d.hflip_prob)
+                             d.crop_scale, d.crop_ratio, d.hflip_prob, d.vflip_prob, d.rot90)
         return StepPlan(epoch, step, slots, files, views)
 
     def report_bad(self, file: int, reason: str) -> None:

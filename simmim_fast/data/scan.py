@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "listing images (default: data.path of --config, else the "
                                                 "scikit-image sample photos)")
     add_config_arguments(parser, help="config file whose data section gives the defaults")
-    parser.add_argument("--layout", choices=["auto", "imagefolder", "flat", "filelist"], help="data.layout")
+    parser.add_argument("--layout", choices=["auto", "imagefolder", "flat", "filelist", "webdataset"],
+                        help="data.layout")
     parser.add_argument("--check", choices=["header", "decode"],
                         help="'header' (fast) or 'decode' (decode every file once); default data.check")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     from .index import BAD
-    from .loader import load_index
+    from .loader import band_channels, load_index
 
     overrides = list(args.overrides)
     for key, value in (("path", args.path), ("layout", args.layout), ("check", args.check),
@@ -67,7 +68,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"scanned {n} files in {where} (check: {d.check}; {index.checked} checked in {index.seconds:.1f} s, "
           f"{n - index.checked} unchanged since the cached index)")
     notes = Counter(note for i, text in index.notes.items() if index.status[i] != BAD for note in text.split("; "))
-    print(f"  usable: {n - len(bad)}" + (", converted to 8-bit RGB on the way:" if notes else ""))
+    kept = band_channels(cfg) is not None  # bands read as stored, not converted to RGB
+    print(f"  usable: {n - len(bad)}" + ((", of which:" if kept else ", converted to 8-bit RGB on the way:")
+                                         if notes else ""))
     for note, count in notes.most_common():
         print(f"    {count} {note}")
     usable = index.status != BAD

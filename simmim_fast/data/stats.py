@@ -4,7 +4,8 @@
     simmim-fast stats --config configs/my_run.json --limit 2000 --json
 
 The pixels are read exactly as the torch loader reads them (whole images, before cropping and
-normalisation), in its 0-1 value space: uint8 / 255, uint16 / 65535, floats as stored. Sums of x
+normalisation), in its 0-1 value space: uint8 / 255, uint16 / 65535, floats as stored, or data.value_range's
+mapping when the config sets one. Sums of x
 and x^2 are accumulated per channel in float64, so memory stays constant whatever the dataset
 size. Files the file index marks unusable, and files that fail to decode here, are skipped as the
 loaders skip them, and counted.
@@ -23,7 +24,7 @@ from torchvision.transforms import functional as TF
 from ..cli import add_config_arguments
 from ..config import load_config
 from ..errors import UserError
-from .index import BAD
+from .index import BAD, TORCH_ONLY
 from .loader import load_index
 from .transforms import load_channels, load_rgb
 
@@ -39,15 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of --set lines")
 
 
-def channel_stats(paths, in_chans: int):
-    """(mean, std, pixels, failures) per channel over every pixel of ``paths`` (population std)."""
+def channel_stats(paths, in_chans: int, value_range=None, arrays=None):
+    """(mean, std, pixels, failures) per channel over every pixel of ``paths`` (population std), read as
+    the torch loader reads them: 8-bit RGB for 3 channels without ``value_range`` (``arrays[k]`` True:
+    path k is an array file, read by the band reader), else the bands as stored, mapped by ``value_range``."""
     s1 = np.zeros(in_chans, np.float64)
     s2 = np.zeros(in_chans, np.float64)
     n = 0
     failures = []
-    for p in paths:
+    rgb = in_chans == 3 and value_range is None
+    for k, p in enumerate(paths):
         try:
-            x = TF.to_tensor(load_rgb(p)) if in_chans == 3 else load_channels(p, in_chans)
+            if rgb and not (arrays is not None and arrays[k]):
+                x = TF.to_tensor(load_rgb(p))
+            else:
+                x = load_channels(p, in_chans, value_range)
         except Exception as e:  # noqa: BLE001 - skipped as the loaders skip it
             failures.append((str(p), f"{type(e).__name__}: {e}"))
             continue
@@ -89,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"--limit must be >= 1, got {args.limit}")
         if args.limit < len(ok):
             ok = sorted(np.random.default_rng(args.seed).choice(ok, args.limit, replace=False).tolist())
-    mean, std, n, failures = channel_stats([index.paths[i] for i in ok], c)
+    arrays = [TORCH_ONLY in index.notes.get(i, "") for i in ok]
+    mean, std, n, failures = channel_stats([index.paths[i] for i in ok], c, cfg.data.value_range, arrays)
     if mean is None:
         raise UserError(f"no usable image among {len(index)} files of data.path = {cfg.data.path}")
     out = {"mean": [round(v, 6) for v in mean], "std": [round(v, 6) for v in std], "in_chans": c,

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .index import FileResolver, ImageIndex
+from .index import TORCH_ONLY, FileResolver, ImageIndex
 from .plan import Planner
-from .transforms import apply_view, apply_view_tensor, load_channels, load_rgb
+from .transforms import apply_view, apply_view_tensor, load_channels, load_rgb, turn
 from .views import sample_views
 
 __all__ = ["PretrainImageDataset", "TorchDataBackend"]
@@ -23,13 +23,21 @@ __all__ = ["PretrainImageDataset", "TorchDataBackend"]
 
 class PretrainImageDataset(Dataset):
     def __init__(self, index: ImageIndex, resolver: FileResolver, seed: int, size: int, scale, ratio,
-                 hflip_prob: float, mean, std, in_chans: int = 3):
+                 hflip_prob: float, mean, std, in_chans: int = 3, vflip_prob: float = 0.0, rot90: bool = False,
+                 value_range=None):
         self.paths = index.paths
         self.resolver = resolver
         self.seed, self.size = seed, size
         self.scale, self.ratio, self.hflip_prob = tuple(scale), tuple(ratio), hflip_prob
         self.mean, self.std = list(mean), list(std)
         self.in_chans = in_chans
+        self.vflip_prob, self.rot90 = vflip_prob, rot90
+        self.value_range = None if value_range is None else tuple(value_range)
+        # 3 channels with the default scaling: the RGB path every backend shares; otherwise the bands as stored
+        self.rgb = in_chans == 3 and value_range is None
+        # arrays (.npy, TIFFs PIL cannot open) take the band reader even on the RGB path
+        self.arrays = np.zeros(len(index), dtype=bool)
+        self.arrays[[i for i, note in index.notes.items() if TORCH_ONLY in note]] = True
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -39,19 +47,21 @@ class PretrainImageDataset(Dataset):
         failures: List[Tuple[int, str]] = []
         while True:
             try:
-                # 3 channels: the RGB path every backend shares; other counts: kept as stored
-                img = load_rgb(self.paths[file]) if self.in_chans == 3 else load_channels(self.paths[file],
-                                                                                          self.in_chans)
+                rgb = self.rgb and not self.arrays[file]
+                img = (load_rgb(self.paths[file]) if rgb else
+                       load_channels(self.paths[file], self.in_chans, self.value_range))
                 break
             except Exception as e:  # noqa: BLE001 - any decode failure: skip the file, count it
                 reason = f"decode failed (PIL): {type(e).__name__}: {e}"
                 failures.append((file, reason))
                 self.resolver.mark_bad(file, reason)
                 file = self.resolver.stand_in(file)
-        w, h = (img.width, img.height) if self.in_chans == 3 else (img.shape[-1], img.shape[-2])
-        view = sample_views(self.seed, epoch, [slot], [w], [h], self.scale, self.ratio, self.hflip_prob)[0]
-        apply = apply_view if self.in_chans == 3 else apply_view_tensor
-        return apply(img, view, self.size, self.mean, self.std), file, failures
+        w, h = (img.width, img.height) if rgb else (img.shape[-1], img.shape[-2])
+        views = sample_views(self.seed, epoch, [slot], [w], [h], self.scale, self.ratio, self.hflip_prob,
+                             self.vflip_prob, self.rot90)
+        apply = apply_view if rgb else apply_view_tensor
+        x = apply(img, views[0], self.size, self.mean, self.std)
+        return turn(x, *views.turns(0)), file, failures
 
 
 def _collate(items):
@@ -66,7 +76,8 @@ class TorchDataBackend:
         d = planner.data
         self.planner = planner
         self.dataset = PretrainImageDataset(planner.index, planner.resolver, planner.seed, size, d.crop_scale,
-                                            d.crop_ratio, d.hflip_prob, d.mean, d.std, in_chans)
+                                            d.crop_ratio, d.hflip_prob, d.mean, d.std, in_chans,
+                                            d.vflip_prob, d.rot90, d.value_range)
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def run(self, epoch: int, steps: Sequence[int]) -> Iterator[Tuple[int, torch.Tensor, np.ndarray]]:

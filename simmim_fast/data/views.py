@@ -1,4 +1,5 @@
-"""Which view of an image each sample gets: RandomResizedCrop box and flip, vectorised and seeded.
+"""Which view of an image each sample gets: RandomResizedCrop box, flips and 90-degree turns, vectorised
+and seeded.
 
 Every backend draws a sample's view from the same counter-based generator keyed by (seed, epoch,
 slot), where the slot is the sample's index in the dataset; the image size comes from the file
@@ -9,13 +10,15 @@ per-image generator object), which keeps the GPU pipeline free of per-image CPU 
 The box follows torchvision's RandomResizedCrop.get_params exactly (ten tries of an area
 fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``, rounded half to even;
 a centre crop clamped to the ratio range if no try fits), with every try's draws taken up front
-so that the draws of a sample never depend on another sample.
+so that the draws of a sample never depend on another sample. The vertical flip and the
+90-degree rotation (data.vflip_prob, data.rot90: overhead imagery has no up) use draws after
+those, so enabling them leaves every crop box and horizontal flip as it was.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from ..errors import UserError
@@ -27,6 +30,7 @@ NUM_TRIES = 10
 _AREA, _RATIO = 0, NUM_TRIES
 _TOP, _LEFT, _FLIP = 2 * NUM_TRIES, 2 * NUM_TRIES + 1, 2 * NUM_TRIES + 2
 NUM_DRAWS = 2 * NUM_TRIES + 3
+_VFLIP, _ROT90 = NUM_DRAWS, NUM_DRAWS + 1  # drawn only when enabled
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_VIEWS = 0x56494557  # distinguishes view draws from any other stream keyed by the same seed
@@ -65,12 +69,20 @@ def sample_uniforms(seed: int, epoch: int, slots: Sequence[int] | np.ndarray, nu
 
 @dataclass(frozen=True)
 class Views:
-    """One view per sample: crop box (top, left, height, width) in source pixels, and a flip flag."""
+    """One view per sample: crop box (top, left, height, width) in source pixels, a flip flag, and
+    (None when not enabled) a vertical flip flag and a count of 90-degree counter-clockwise turns."""
     top: np.ndarray
     left: np.ndarray
     height: np.ndarray
     width: np.ndarray
     flip: np.ndarray
+    vflip: Optional[np.ndarray] = None
+    rot90: Optional[np.ndarray] = None
+
+    def turns(self, i: int) -> Tuple[bool, int]:
+        """(vertical flip, 90-degree turns) of sample i, applied after the crop-resize and horizontal flip."""
+        return (bool(self.vflip[i]) if self.vflip is not None else False,
+                int(self.rot90[i]) if self.rot90 is not None else 0)
 
     def __len__(self) -> int:
         return len(self.top)
@@ -111,7 +123,8 @@ def crop_boxes(widths: np.ndarray, heights: np.ndarray, draws: np.ndarray, scale
 
 
 def sample_views(seed: int, epoch: int, slots: Sequence[int] | np.ndarray, widths, heights,
-                 scale: Tuple[float, float], ratio: Tuple[float, float], hflip_prob: float) -> Views:
+                 scale: Tuple[float, float], ratio: Tuple[float, float], hflip_prob: float,
+                 vflip_prob: float = 0.0, rot90: bool = False) -> Views:
     """The views of ``slots`` at ``epoch`` for images of the given (width, height)."""
     widths = np.asarray(widths, dtype=np.int64).reshape(-1)
     heights = np.asarray(heights, dtype=np.int64).reshape(-1)
@@ -120,6 +133,9 @@ def sample_views(seed: int, epoch: int, slots: Sequence[int] | np.ndarray, width
                          f"and {len(heights)} heights")
     if len(widths) and (widths.min() < 1 or heights.min() < 1):
         raise UserError("sample_views: image widths and heights must be >= 1")
-    draws = sample_uniforms(seed, epoch, slots, NUM_DRAWS)
+    extra = vflip_prob > 0 or rot90
+    draws = sample_uniforms(seed, epoch, slots, NUM_DRAWS + 2 if extra else NUM_DRAWS)
     top, left, h, w = crop_boxes(widths, heights, draws, scale, ratio)
-    return Views(top, left, h, w, draws[:, _FLIP] < hflip_prob)
+    vflip = draws[:, _VFLIP] < vflip_prob if extra else None
+    turns = np.floor(draws[:, _ROT90] * 4).astype(np.int64) if rot90 else None
+    return Views(top, left, h, w, draws[:, _FLIP] < hflip_prob, vflip, turns)

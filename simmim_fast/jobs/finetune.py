@@ -29,10 +29,11 @@ from ..cli import add_job_arguments
 from ..config import Config, load_config
 from ..engine import run as engine_run
 from ..engine.optim import param_groups
+from ..tools.export import normalisation
 from ..weights import build_timm_model, load_source
 from ..errors import UserError
 
-__all__ = ["FinetuneModel", "build_classifier", "FinetuneLoader", "build_mixup", "evaluate_top1", "BestKeeper",
+__all__ = ["FinetuneModel", "adopt_normalisation", "build_classifier", "FinetuneLoader", "build_mixup", "evaluate_top1", "BestKeeper",
            "finetune_datasets", "add_arguments", "main", "run"]
 
 
@@ -86,6 +87,21 @@ def build_classifier(cfg: Config, num_classes: int, pretrained: Optional[Tuple[C
     return net, (name, kwargs)
 
 
+def adopt_normalisation(cfg: Config, pre_cfg: Config) -> None:
+    """Fine-tune on the bands and value space the encoder was pretrained on: model.in_chans,
+    data.mean, data.std and data.value_range come from the pretraining checkpoint's config."""
+    d, p = cfg.data, pre_cfg.data
+    changed = [k for k, a, b in (("model.in_chans", cfg.model.in_chans, pre_cfg.model.in_chans),
+                                 ("data.mean", list(d.mean), list(p.mean)), ("data.std", list(d.std), list(p.std)),
+                                 ("data.value_range", d.value_range, p.value_range)) if a != b]
+    if changed:
+        print(f"finetune: {', '.join(changed)} taken from the pretraining checkpoint: in_chans "
+              f"{pre_cfg.model.in_chans}, mean {list(p.mean)}, std {list(p.std)}, value_range {p.value_range}",
+              flush=True)
+    cfg.model.in_chans = pre_cfg.model.in_chans
+    d.mean, d.std, d.value_range = list(p.mean), list(p.std), p.value_range
+
+
 def build_mixup(cfg: Config, num_classes: int):
     """timm Mixup for the finetune section, or None when mixup and cutmix are both off."""
     ft = cfg.finetune
@@ -104,8 +120,16 @@ def finetune_datasets(cfg: Config):
         raise UserError("config key 'finetune.data' is null: set it to 'fashion-mnist' or an ImageFolder root "
                          "with train/ and val/ (e.g. --set finetune.data=/data/imagenet)")
     train, val = eval_datasets(ft.data, m.img_size, cfg.data.mean, cfg.data.std, ft.train_limit, ft.val_limit,
-                               cfg.train.seed)
-    if not ft.data.startswith(FASHION_MNIST):
+                               cfg.train.seed, cfg.data.value_range)
+    bands = m.in_chans != 3 or cfg.data.value_range is not None
+    if not ft.data.startswith(FASHION_MNIST) and bands:
+        # timm's RandAugment and random erasing work on 8-bit RGB images: for other bands, random
+        # resized crops and horizontal flips on all bands alike (of the already normalised tensor)
+        from torchvision import transforms as T
+        base = train.dataset if isinstance(train, torch.utils.data.Subset) else train
+        norm = T.Normalize(list(cfg.data.mean), list(cfg.data.std))
+        base.transform = T.Compose([T.RandomResizedCrop(m.img_size, antialias=True), T.RandomHorizontalFlip(), norm])
+    elif not ft.data.startswith(FASHION_MNIST):
         from timm.data import create_transform
         base = train.dataset if isinstance(train, torch.utils.data.Subset) else train
         base.transform = create_transform(m.img_size, is_training=True, auto_augment=ft.auto_augment,
@@ -182,9 +206,12 @@ class BestKeeper:
     """Keeps ``<output_dir>/best/``: the best classifier so far (plain timm state dict, float32) and
     its metrics; survives a resume (the best top-1 is read back)."""
 
-    def __init__(self, output_dir: Path, model_name: str, model_kwargs: dict, num_classes: int):
+    def __init__(self, output_dir: Path, model_name: str, model_kwargs: dict, num_classes: int,
+                 normalisation: Optional[dict] = None):
         self.dir = Path(output_dir) / "best"
         self.info = {"model_name": model_name, "model_kwargs": model_kwargs, "num_classes": num_classes}
+        if normalisation is not None:  # what the classifier's inputs must be normalised with
+            self.info["normalisation"] = normalisation
         metrics = self.dir / "metrics.json"
         self.best = json.loads(metrics.read_text())["top1"] if metrics.is_file() else -1.0
 
@@ -196,7 +223,10 @@ class BestKeeper:
         tmp = self.dir.with_name(".best.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in state_fn().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = {"format": "pt"}
+        if "normalisation" in self.info:
+            meta["normalisation"] = json.dumps(self.info["normalisation"])
+        save_file(state, str(tmp / "model.safetensors"), metadata=meta)
         (tmp / "metrics.json").write_text(json.dumps(dict(self.info, top1=top1, step=step, epoch=epoch), indent=2))
         old = self.dir.with_name(".best.old")
         if self.dir.exists():
@@ -226,8 +256,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Dict[str, float]:
     """Fine-tune; returns {'best_top1', 'last_top1'}."""
     cfg = load_config(args.config, args.overrides)
-    out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
     pretrained = None if args.pretrained == "none" else load_source(args.pretrained, args.pretrained_config)
+    if pretrained is not None:
+        adopt_normalisation(cfg, pretrained[0])  # before the resume check compares the model section
+    out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
     train_set, val_set = finetune_datasets(cfg)
     base = getattr(train_set, "dataset", train_set)
     num_classes = cfg.finetune.num_classes or len(getattr(base, "classes", []))
@@ -259,7 +291,8 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
         nonlocal keeper
         dist = ctx.dist
         keeper = BestKeeper(out, target["name"], {k: list(v) if isinstance(v, tuple) else v
-                                                  for k, v in target["kwargs"].items()}, num_classes)
+                                                  for k, v in target["kwargs"].items()}, num_classes,
+                            normalisation(cfg))
         results["best_top1"] = keeper.best
 
         def evaluate(state) -> None:

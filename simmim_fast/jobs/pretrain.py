@@ -19,6 +19,7 @@ from ..data import PretrainLoader, list_images
 from ..engine import run as engine_run
 from ..errors import UserError
 from ..models import SimMIM
+from ..tools.export import normalisation, read_normalisation
 from ..visualization import reconstruction_grid, save_png_atomically
 from ..weights import simmim_param_groups
 
@@ -44,7 +45,7 @@ def preflight(args: argparse.Namespace):
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))
         accumulation = cfg.train.accumulation_steps(world)
-        paths = list_images(cfg.data.path, cfg.data.layout)  # listed once: the loader reuses the list
+        paths = list_images(cfg.data.path, cfg.data.layout, cfg.data.cache_dir)  # listed once: the loader reuses the list
         micro_batches = (len(paths) // world) // cfg.train.micro_batch_size
         if micro_batches < accumulation:
             raise UserError(
@@ -52,7 +53,28 @@ def preflight(args: argparse.Namespace):
                 f"per rank per epoch, fewer than one optimiser step needs ({accumulation} accumulation steps x "
                 f"train.micro_batch_size {cfg.train.micro_batch_size} x {world} ranks); lower "
                 f"train.global_batch_size / train.micro_batch_size or add images")
+    _compare_normalisation(cfg)
     return cfg, out, resume_path, precision, paths
+
+
+def _compare_normalisation(cfg) -> None:
+    """model.init_weights that record their normalisation (our exports and checkpoints): say when this run
+    normalises differently, since the weights learned features of inputs normalised their way."""
+    path = cfg.model.init_weights
+    if not path or not os.path.exists(path):
+        return  # a missing file is reported by the model build, with the key
+    try:
+        recorded = read_normalisation(path)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the weights loader gives the real error
+        return
+    if recorded is None:
+        return
+    now = normalisation(cfg)
+    differ = [k for k in ("in_chans", "mean", "std", "value_range") if recorded.get(k) != now[k]]
+    if differ and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: model.init_weights {path} was trained with "
+              + ", ".join(f"{k} {recorded.get(k)}" for k in differ) + "; this run uses "
+              + ", ".join(f"{k} {now[k]}" for k in differ), flush=True)
 
 
 def _reconstructions(ctx: engine_run.RunContext):

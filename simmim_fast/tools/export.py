@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ..config import Config, config_to_dict
+from ..config import Config, config_to_dict, load_config
 from ..errors import UserError
-from ..weights import build_timm_model, load_source
+from ..models.init_weights import resize_rel_pos_table
+from ..weights import build_timm_model, load_model_state, load_source
 
-__all__ = ["encoder_state_dict", "timm_target", "build_timm_model", "convert_to_timm", "resize_rel_pos_table",
+__all__ = ["normalisation", "read_normalisation", "encoder_state_dict", "timm_target", "build_timm_model", "convert_to_timm", "resize_rel_pos_table",
            "save_timm_weights", "KNOWN_TIMM_MODELS", "add_arguments", "main"]
 
 # timm names whose architecture a SimMIM config can match, with the arguments that define them.
@@ -128,26 +128,6 @@ def _architecture(m) -> Dict[str, Any]:
     return dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depths[0], num_heads=m.num_heads[0])
 
 
-def resize_rel_pos_table(table: torch.Tensor, dst_rows: int, num_extra: int = 0) -> torch.Tensor:
-    """Resize a ((2W-1)^2 + extra, heads) relative position bias table to ``dst_rows`` rows.
-
-    The (2W-1) x (2W-1) grid of each head is resized bicubically (``F.interpolate``,
-    align_corners False, as the official Swin fine-tuning code); the ``num_extra`` trailing rows
-    (BEiT's cls-to-token, token-to-cls and cls-to-cls biases) are kept as they are.
-    """
-    rows, heads = table.shape
-    src, dst = rows - num_extra, dst_rows - num_extra
-    s, d = round(src ** 0.5), round(dst ** 0.5)
-    if s * s != src or d * d != dst:
-        raise UserError(f"relative position table of {rows} rows ({num_extra} extra) -> {dst_rows} rows: "
-                         f"the grids must be square")
-    grid, extra = table[:src], table[src:]
-    if s != d:
-        grid = F.interpolate(grid.float().t().reshape(1, heads, s, s), size=(d, d), mode="bicubic",
-                             align_corners=False).reshape(heads, d * d).t().to(table.dtype)
-    return torch.cat([grid, extra]).contiguous()
-
-
 def convert_to_timm(encoder_state: Dict[str, torch.Tensor], target: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """Map an encoder state dict onto the keys and shapes of the ``target`` timm model.
 
@@ -198,10 +178,46 @@ def save_timm_weights(state: Dict[str, torch.Tensor], output: str | Path, info: 
     base.parent.mkdir(parents=True, exist_ok=True)
     paths = {"safetensors": base.with_name(base.name + ".safetensors"), "pth": base.with_name(base.name + ".pth"),
              "json": base.with_name(base.name + ".json")}
-    save_file(state, str(paths["safetensors"]), metadata={"format": "pt", "timm_model": info["model_name"]})
+    meta = {"format": "pt", "timm_model": info["model_name"]}
+    if "normalisation" in info:
+        meta["normalisation"] = json.dumps(info["normalisation"])
+    save_file(state, str(paths["safetensors"]), metadata=meta)
     torch.save(state, paths["pth"])
     paths["json"].write_text(json.dumps(info, indent=2) + "\n")
     return paths
+
+
+def normalisation(cfg: Config) -> Dict[str, Any]:
+    """What the inputs were normalised with in pretraining: in_chans, per-channel mean and std (in the
+    0-1 value space), and the value_range that defines that space (null = uint8 / 255, uint16 / 65535)."""
+    d = cfg.data
+    return {"in_chans": cfg.model.in_chans, "mean": list(d.mean), "std": list(d.std),
+            "value_range": list(d.value_range) if d.value_range is not None else None}
+
+
+def read_normalisation(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The normalisation recorded with an export (its .safetensors metadata or .json beside it), a SimMIM
+    state file (its stored config) or a checkpoint directory; None if none is recorded."""
+    p = Path(path)
+    if p.is_dir():
+        return normalisation(load_model_state(str(p))[0])
+    side = p.with_suffix(".json")
+    if side.is_file():
+        try:
+            info = json.loads(side.read_text())
+            if isinstance(info, dict) and isinstance(info.get("normalisation"), dict):
+                return info["normalisation"]
+        except ValueError:
+            pass
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "normalisation" in meta:
+            return json.loads(meta["normalisation"])
+        if "config" in meta:
+            return normalisation(load_config(json.loads(meta["config"])))
+    return None
 
 
 def create_model_call(model_name: str, kwargs: Dict[str, Any], file: str | Path) -> str:
@@ -267,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
     target = build_timm_model(name, kwargs)
     weights = convert_to_timm(encoder_state_dict(state), target)
     info = {"model_name": name, "model_kwargs": kwargs, "source": str(args.checkpoint),
-            "pretrain_config": config_to_dict(cfg)}
+            "normalisation": normalisation(cfg), "pretrain_config": config_to_dict(cfg)}
     paths = save_timm_weights(weights, args.output, info)
     for p in paths.values():
         print(f"wrote {p}")

@@ -29,7 +29,7 @@ def default_vit_block(depth: int) -> int:
 
 @torch.no_grad()
 def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
-    """(B, 3, S, S) normalised images -> (B, C) average-pooled features (see the module doc)."""
+    """(B, in_chans, S, S) normalised images -> (B, C) average-pooled features (see the module doc)."""
     from timm.models.beit import Beit
     from timm.models.swin_transformer import SwinTransformer
     if isinstance(encoder, SwinTransformer):
@@ -108,8 +108,9 @@ def features_from_args(args: argparse.Namespace) -> Tuple[Dict[str, tuple], int]
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     torch.manual_seed(args.seed)
     model = build_simmim(cfg, None if args.random_init else state)
+    # model.in_chans and the normalisation come from the checkpoint's config (what it was trained with)
     train, val = eval_datasets(args.data, cfg.model.img_size, cfg.data.mean, cfg.data.std,
-                               args.train_limit, args.val_limit, args.seed)
+                               args.train_limit, args.val_limit, args.seed, cfg.data.value_range)
     sets = feature_sets(model.encoder, train, val, args.vit_block, args.batch_size, args.device, args.workers)
     num_classes = int(max(int(s[1].max()) for s in sets.values()) + 1)
     return sets, num_classes

@@ -8,14 +8,14 @@ aligned with the image it was drawn on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
-from ..errors import MissingFileError
+from ..errors import MissingFileError, UserError
 
 __all__ = ["center_view", "load_image", "load_user_mask"]
 
@@ -25,11 +25,21 @@ def center_view(img: Image.Image, size: int, interpolation=InterpolationMode.BIC
     return TF.center_crop(img, [size, size])
 
 
-def load_image(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(3, size, size) normalised float tensor of the centre view of an image file."""
+def load_image(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float],
+               value_range: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """(C, size, size) normalised float tensor of the centre view of an image file, C = len(mean): 8-bit RGB
+    for C = 3 without ``value_range``, else the bands as the pretraining loader reads them."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"image not found: {path}")
+    if len(mean) != 3 or value_range is not None:
+        from ..data.transforms import load_channels
+        from .eval_data import band_center_view
+        try:
+            x = load_channels(path, len(mean), value_range)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+        return TF.normalize(band_center_view(x, size), list(mean), list(std))
     with Image.open(path) as im:
         img = im.convert("RGB")
     return TF.normalize(TF.to_tensor(center_view(img, size)), list(mean), list(std))

@@ -34,6 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "(default: enough for 128-px panels)")
     parser.add_argument("--output", "-o", default="reconstructions", help="output folder (one PNG per image)")
     parser.add_argument("--combined", help="write one PNG with a row per image to this path instead")
+    parser.add_argument("--bands", help="model.in_chans > 3: the bands shown as red,green,blue, 1-based (e.g. 3,2,1; "
+                                        "default the first three); 1 channel is shown as grey")
+
+
+def _bands(text, in_chans: int):
+    """--bands '3,2,1' (1-based) -> 0-based indices, or None for the default."""
+    if text is None:
+        return None
+    try:
+        bands = [int(b) - 1 for b in text.split(",")]
+    except ValueError:
+        raise UserError(f"--bands must be three band numbers like 3,2,1, got {text!r}") from None
+    if len(bands) != 3 or not all(0 <= b < in_chans for b in bands):
+        raise UserError(f"--bands {text}: three band numbers in 1..{in_chans} (model.in_chans) are needed")
+    return bands
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,6 +57,10 @@ def main(args: argparse.Namespace) -> int:
 
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     m = cfg.model
+    if not args.images and (m.in_chans != 3 or cfg.data.value_range is not None):
+        raise UserError(f"model.in_chans = {m.in_chans}: give --images (files with {m.in_chans} bands); the default "
+                        f"sample photos are RGB")
+    bands = _bands(args.bands, m.in_chans)
     image_paths = [Path(p) for p in (args.images or [str(p) for p in sample_photo_paths()[:4]])]
     masks = args.mask or []
     if masks and len(masks) not in (1, len(image_paths)):
@@ -51,7 +70,9 @@ def main(args: argparse.Namespace) -> int:
     if snap % m.patch_size or m.img_size % snap:
         raise UserError(f"--snap-size {snap} must be a multiple of model.patch_size ({m.patch_size}) and divide "
                          f"model.img_size ({m.img_size})")
-    images = torch.stack([load_image(p, m.img_size, cfg.data.mean, cfg.data.std) for p in image_paths])
+    # de-normalised for display with the statistics recorded in the checkpoint's config
+    images = torch.stack([load_image(p, m.img_size, cfg.data.mean, cfg.data.std, cfg.data.value_range)
+                          for p in image_paths])
     model = build_simmim(cfg, state)
     scale = args.scale or max(1, -(-128 // m.img_size))
     out = Path(args.output)
@@ -73,12 +94,12 @@ def main(args: argparse.Namespace) -> int:
     extra = dict(drawings=np.stack(drawings), snapped=np.stack(snapped)) if masks else {}
     if args.combined:
         path = save_reconstruction_grid(model, images, mask, args.combined, cfg.data.mean, cfg.data.std, scale=scale,
-                                        max_rows=len(image_paths), **extra)
+                                        max_rows=len(image_paths), bands=bands, **extra)
         print(f"wrote {path}")
         return 0
     for i, p in enumerate(image_paths):
         one = {k: v[i:i + 1] for k, v in extra.items()}
         path = save_reconstruction_grid(model, images[i:i + 1], mask[i:i + 1], out / f"{p.stem}.png", cfg.data.mean,
-                                        cfg.data.std, scale=scale, **one)
+                                        cfg.data.std, scale=scale, bands=bands, **one)
         print(f"wrote {path}")
     return 0
