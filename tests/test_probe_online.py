@@ -1,0 +1,159 @@
+"""The online kNN probe (logging.probe): its value is the `knn` tool's on the checkpoint of that step, and it
+changes nothing of training: the per-step losses equal a run without it, and kill -9 + resume stays
+bit-identical with it on.
+
+A tiny Swin on 64-px crops of the sample photos (engine.mode torch, drop path on so that a disturbed
+torch RNG would show in the losses), probed every 2 steps on a generated 3-class ImageFolder with
+train/ and val/ (no download), on seeded subsets smaller than the folders.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simmim_fast.cli import main as cli_main, train_main
+from simmim_fast.engine.metrics import read_metrics
+
+from engine_subprocess import ROOT, one_thread, subprocess_env  # noqa: F401
+
+STEPS = 12
+BASE = ["--config", "configs/swin_tiny_cpu.json",
+        "--set", "model.img_size=64", "--set", "model.embed_dim=16", "--set", "model.depths=[1,1,1,1]",
+        "--set", "model.num_heads=[1,2,2,4]", "--set", "model.window_size=4", "--set", "model.drop_path_rate=0.1",
+        "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=4", "--set", "train.epochs=10",
+        "--set", "train.warmup_epochs=1", "--set", "train.base_lr=0.05", "--set", f"train.max_steps={STEPS}",
+        "--set", "data.num_workers=0", "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep_last=10",
+        "--set", "logging.print_every=1", "--set", "logging.tensorboard=false", "--set", "logging.visualize_every=0",
+        "--set", "logging.loss_curve=false", "--set", "engine.mode=torch", "--set", "engine.zero_stage=0"]
+PROBE_EVERY = 2
+TRAIN_LIMIT, VAL_LIMIT, K = 20, 10, 5
+
+
+def write_probe_folder(root):
+    """3 classes told apart by a faint colour shift under random per-image colour casts and noise (kNN top-1
+    between chance and 100, and it moves with the subsets and the weights)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("val", 5)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 100, (40, 40, 3)) + rng.integers(0, 120, (1, 1, 3))
+                img[..., c] += 20
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def probe_args(folder):
+    return ["--set", f"logging.probe.data={json.dumps(str(folder))}", "--set", f"logging.probe.every_steps={PROBE_EVERY}",
+            "--set", f"logging.probe.train_limit={TRAIN_LIMIT}", "--set", f"logging.probe.val_limit={VAL_LIMIT}",
+            "--set", f"logging.probe.k={K}", "--set", "logging.probe.seed=3", "--set", "logging.probe.batch_size=8"]
+
+
+def records(out):
+    return {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+
+
+def losses(out):
+    return {s: r["loss"] for s, r in records(out).items()}
+
+
+def probes(out):
+    return {s: r["probe/knn_top1"] for s, r in records(out).items() if "probe/knn_top1" in r}
+
+
+@pytest.fixture(scope="module")
+def probed_run(tmp_path_factory):
+    import torch
+    tmp = tmp_path_factory.mktemp("probe")
+    folder = write_probe_folder(tmp / "probe_data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_main(BASE + probe_args(folder) + ["--output-dir", str(tmp / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return tmp / "run", folder
+
+
+def test_probe_is_logged_every_n_steps_with_its_cost(probed_run, capsys):
+    out, _ = probed_run
+    recs = records(out)
+    assert sorted(recs) == list(range(1, STEPS + 1))
+    probed = sorted(s for s, r in recs.items() if "probe/knn_top1" in r)
+    assert probed == list(range(PROBE_EVERY, STEPS + 1, PROBE_EVERY))
+    assert all(0.0 <= recs[s]["probe/knn_top1"] <= 100.0 and recs[s]["probe/seconds"] > 0 for s in probed)
+    assert all(recs[s]["loss"] is not None for s in probed)  # the probe joined the step's training record
+
+
+def test_logged_value_equals_the_knn_tool_on_the_same_checkpoint(probed_run, tmp_path, one_thread):
+    out, folder = probed_run
+    logged = probes(out)
+    assert len(set(logged.values())) > 1 or 0 < next(iter(logged.values())) < 100  # not a trivial value
+    for step in (6, 12):   # both checkpoints (every 3) and probe steps (every 2)
+        js = tmp_path / f"knn{step}.json"
+        assert cli_main(["knn", str(out / "checkpoints" / f"step_{step:08d}"), "--data", str(folder),
+                         "--train-limit", str(TRAIN_LIMIT), "--val-limit", str(VAL_LIMIT), "--k", str(K),
+                         "--seed", "3", "--workers", "0", "--device", "cpu", "--json", str(js)]) == 0
+        assert json.loads(js.read_text())["top1"]["last"] == logged[step], step
+
+
+def test_losses_with_the_probe_equal_a_run_without_it(probed_run, tmp_path, one_thread):
+    out, _ = probed_run
+    assert train_main(BASE + ["--output-dir", str(tmp_path / "plain")]) == 0
+    plain = records(tmp_path / "plain")
+    assert not any("probe/knn_top1" in r for r in plain.values())
+    assert losses(tmp_path / "plain") == losses(out)
+    # and the final weights
+    import torch
+
+    from simmim_fast.weights import load_model_state
+    _, a = load_model_state(tmp_path / "plain")
+    _, b = load_model_state(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _last_step(out):
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return 0
+    return max((json.loads(line)["step"] for line in f.read_text().splitlines() if line.strip().endswith("}")),
+               default=0)
+
+
+def test_kill_and_resume_with_the_probe_is_bit_identical(probed_run, tmp_path, capsys, one_thread):
+    out, folder = probed_run
+    cut = tmp_path / "cut"
+    train = [sys.executable, str(ROOT / "train.py")] + BASE + probe_args(folder) + ["--output-dir", str(cut)]
+    proc = subprocess.Popen(train, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while _last_step(cut) < 7 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _last_step(cut)
+    saved = int((cut / "checkpoints/latest").read_text().strip()[len("step_"):])
+    assert 6 <= saved <= killed_at < STEPS, "the run must be killed after a probed checkpoint and before the end"
+    assert train_main(train[2:]) == 0   # --resume auto, in this process (one thread, as the reference)
+    assert f"resumed from {cut / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in capsys.readouterr().out
+    assert losses(cut) == losses(out)     # bit-identical per-step losses
+    assert probes(cut) == probes(out)     # and probe values
+
+
+def test_bad_probe_data_is_one_error_line(tmp_path, capsys):
+    rc = cli_main(["pretrain"] + BASE + ["--set", f"logging.probe.data={json.dumps(str(tmp_path / 'none'))}",
+                                         "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "logging.probe.data" in err[0] and "train/ and val/" in err[0]
