@@ -34,9 +34,13 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
+        "wandb": ["wandb>=0.17"],
+        "mlflow": ["mlflow>=2.12"],
         "dev": [
             "deepspeed>=0.15",
             "nvidia-dali-cuda130>=1.40",
+            "wandb>=0.17",
+            "mlflow>=2.12",
             "pytest>=7",
             "pytest-benchmark>=4",
             "pytest-timeout>=2",
