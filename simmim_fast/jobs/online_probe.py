@@ -10,19 +10,19 @@ and back to its mode, and nothing of the optimiser or the data order is touched,
 and a kill -9 + resume are bit-identical with and without it.
 
 Rank 0 runs it alone (the others wait at the next step's collectives); at ZeRO-3, whose parameters
-are partitioned, every rank gathers the full weights and runs it (the same result everywhere).
+are partitioned and fetched by collective hooks around each submodule's forward, every rank runs it
+(the same passes and result everywhere).
 Cost: one forward pass over train_limit + val_limit images per probe, reported as probe/seconds.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Dict, Optional
 
 import torch
 
 from ..config import Config
-from ..engine import run as engine_run
+from ..engine.run import RunContext
 from ..engine.checkpoint import capture_rng, restore_rng
 from ..engine.trainer import TrainState
 from ..errors import UserError
@@ -75,7 +75,7 @@ class OnlineProbe:
         return result
 
 
-def online_probe_callback(ctx: engine_run.RunContext) -> Optional[Callable[[TrainState], Optional[Dict]]]:
+def online_probe_callback(ctx: RunContext) -> Optional[Callable[[TrainState], Optional[Dict]]]:
     """The engine's on_step hook for logging.probe (None when the probe is off)."""
     cfg, dist = ctx.cfg, ctx.dist
     p = cfg.logging.probe
@@ -90,10 +90,9 @@ def online_probe_callback(ctx: engine_run.RunContext) -> Optional[Callable[[Trai
     def callback(state: TrainState) -> Optional[Dict[str, float]]:
         if state.step % p.every_steps:
             return None
-        result: Dict[str, float] = {}
-        with engine_run.gathered(ctx.backend.module, cfg) if every_rank else contextlib.nullcontext():
-            if probe is not None:
-                result = probe(ctx.backend.module)
+        # At ZeRO-3 every rank runs the same forward passes: the engine's hooks fetch and release each
+        # submodule's partitioned parameters around its forward, collectively (as finetune's evaluation).
+        result = probe(ctx.backend.module) if probe is not None else {}
         if not dist.is_main:
             return {}  # the step's record is flushed on every rank; only rank 0 logs
         ctx.logger.message(f"probe step {state.step}: " + ", ".join(

@@ -55,9 +55,10 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, blocks=(None,),
     feats = {b: [] for b in blocks}
     labels = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    dtype = next(encoder.parameters()).dtype  # half-precision weights (e.g. DeepSpeed bf16) take half inputs
     try:
         for images, y in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype, non_blocking=True)
             for b in blocks:
                 feats[b].append(pooled_features(encoder, images, b).float().cpu())
             labels.append(torch.as_tensor(y))
