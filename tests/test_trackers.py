@@ -18,9 +18,10 @@ from test_probe_online import BASE, probe_args, write_probe_folder
 wandb = pytest.importorskip("wandb")
 mlflow = pytest.importorskip("mlflow")
 
-DROP = ("train.max_steps=", "checkpoint.every_steps=", "logging.visualize_every=")
+DROP = ("train.max_steps=", "checkpoint.every_steps=", "logging.visualize_every=", "logging.print_every=")
 ARGS = [x for flag, value in zip(BASE[::2], BASE[1::2]) if not value.startswith(DROP) for x in (flag, value)]
-ARGS += ["--set", "checkpoint.every_steps=2", "--set", "logging.visualize_every=2",
+# print_every 2: step 1's record is still pending when step 2's image is made (W&B must get it after step 1)
+ARGS += ["--set", "checkpoint.every_steps=2", "--set", "logging.visualize_every=2", "--set", "logging.print_every=2",
          "--set", "logging.wandb.enabled=true", "--set", "logging.wandb.mode=offline",
          "--set", "logging.wandb.project=simmim-test", "--set", "logging.mlflow.enabled=true"]
 
