@@ -147,7 +147,12 @@ def test_kill_and_resume_with_the_probe_is_bit_identical(probed_run, tmp_path, c
     saved = int((cut / "checkpoints/latest").read_text().strip()[len("step_"):])
     assert 6 <= saved <= killed_at < STEPS, "the run must be killed after a probed checkpoint and before the end"
     assert train_main(train[2:]) == 0   # --resume auto, in this process (one thread, as the reference)
-    assert f"resumed from {cut / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"resumed from {cut / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in printed
+    # the progress line carries the probe's value, and its cost is printed
+    last = f"step {STEPS}/{STEPS}"
+    assert any(last in line and f"probe/knn_top1 {probes(out)[STEPS]:.4g}" in line for line in printed.splitlines())
+    assert f"probe step {STEPS}: knn_top1 {probes(out)[STEPS]:.2f} (" in printed and "s per probe)" in printed
     assert losses(cut) == losses(out)     # bit-identical per-step losses
     assert probes(cut) == probes(out)     # and probe values
 
