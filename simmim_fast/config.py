@@ -359,8 +359,9 @@ class WandbConfig:
 class MlflowConfig:
     enabled: bool = _f(False, "Log to MLflow (pip install -e \".[mlflow]\"): the scalars TensorBoard gets, the "
                               "resolved config and the reconstruction grids.")
-    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (http://..., sqlite:///..., a folder); null = a "
-                                           "file store in <output_dir>/mlruns.")
+    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (http://..., sqlite:///..., file:/folder); null = "
+                                           "a SQLite store <output_dir>/mlflow.db with artifacts in "
+                                           "<output_dir>/mlartifacts.")
     experiment: str = _f("simmim-fast", "MLflow experiment name (created if missing).")
     run_name: Optional[str] = _f(None, "MLflow run name; null = the config's name.")
 

@@ -7,8 +7,8 @@ the images a job logs), plus the resolved config. Rank 0 only: the MetricsLogger
 Each tracker's run id is kept in ``<output_dir>/trackers.json``; a run resumed from a checkpoint
 continues the same tracker run (W&B ``resume="allow"`` with the stored id, MLflow the stored run id),
 a run started from step 0 opens a new one. Steps logged again after a kill (those between the last
-checkpoint and the kill) are handled as each library does: W&B ignores steps below the last one it
-has, MLflow keeps both values in the metric's history (metrics.jsonl and TensorBoard keep the later).
+checkpoint and the kill) are sent again: MLflow keeps both values in the metric's history, W&B's resume
+handling decides what its server keeps (metrics.jsonl and TensorBoard keep the later).
 Both packages are optional extras (``pip install -e ".[wandb]"`` / ``".[mlflow]"``).
 """
 from __future__ import annotations
@@ -106,8 +106,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
         self._metric = Metric
         m = cfg.logging.mlflow
-        # MLflow 3 refuses new file stores (./mlruns) unless MLFLOW_ALLOW_FILE_STORE is set; its own local
-        # default is a SQLite database, kept here in the output dir with the artifacts beside it.
+        # MLflow 3 refuses new file stores (./mlruns) unless MLFLOW_ALLOW_FILE_STORE is set and recommends a
+        # database backend: a SQLite file in the output dir, with the artifacts beside it.
         uri = m.tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
         run_id = _read_ids(out).get("mlflow") if resuming else None
         try:
