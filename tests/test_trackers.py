@@ -13,7 +13,7 @@ from simmim_fast.cli import main as cli_main, train_main
 from simmim_fast.engine.metrics import read_metrics, record_scalars
 
 from engine_subprocess import one_thread  # noqa: F401
-from test_probe_online import BASE, probe_args, write_probe_folder
+from probe_helpers import BASE, probe_args, write_probe_folder
 
 wandb = pytest.importorskip("wandb")
 mlflow = pytest.importorskip("mlflow")
