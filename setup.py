@@ -35,10 +35,14 @@ setup(
         "dali": ["nvidia-dali-cuda130>=1.40"],
         "deepspeed": ["deepspeed>=0.15"],
         "hf": ["transformers>=5,<6"],  # export --format hf (5.x attention names q_proj/k_proj/v_proj/o_proj)
+        "wandb": ["wandb>=0.17"],
+        "mlflow": ["mlflow>=2.12"],
         "dev": [
             "deepspeed>=0.15",
             "nvidia-dali-cuda130>=1.40",
             "transformers>=5,<6",
+            "wandb>=0.17",
+            "mlflow>=2.12",
             "pytest>=7",
             "pytest-benchmark>=4",
             "pytest-timeout>=2",

@@ -19,12 +19,12 @@ from .typed_config import ConfigError, apply_overrides, check_positive, config_e
 
 __all__ = [
     "Config", "ModelConfig", "MaskConfig", "DataConfig", "TrainConfig", "EngineConfig", "CheckpointConfig",
-    "LoggingConfig", "FinetuneConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides",
+    "LoggingConfig", "ProbeConfig", "WandbConfig", "MlflowConfig", "FinetuneConfig", "ConfigError", "load_config", "config_to_dict", "apply_overrides",
 ]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
@@ -337,6 +337,58 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProbeConfig:
+    data: Optional[str] = _f(None, "Online kNN probe while pretraining: 'fashion-mnist' (or 'fashion-mnist:/idx/folder') "
+                                   "or an ImageFolder root with train/ and val/ class folders; null = no probe. "
+                                   "Every every_steps optimiser steps rank 0 extracts frozen features and logs "
+                                   "the `knn` tool's top-1 (probe/knn_top1) and its cost (probe/seconds).")
+    every_steps: int = _f(1000, "Probe every this many optimiser steps.")
+    train_limit: Optional[int] = _f(2000, "Seeded random subset of this many labelled training images (bounds the "
+                                          "cost); null = all.")
+    val_limit: Optional[int] = _f(1000, "Seeded random subset of this many validation images; null = all.")
+    k: int = _f(20, "kNN neighbours.")
+    temperature: float = _f(0.07, "kNN vote weight exp(similarity / T).")
+    vit_block: Optional[int] = _f(None, "ViT: the intermediate block also reported (probe/knn_top1_block<k>); null = "
+                                        "two thirds of the depth, as the `knn` tool.")
+    batch_size: int = _f(128, "Feature extraction batch size.")
+    num_workers: int = _f(0, "Feature extraction DataLoader workers.")
+    seed: int = _f(0, "Seed of the subsets (the `knn` tool's --seed).")
+
+    def validate(self) -> None:
+        check_positive("logging.probe", self, "every_steps", "k", "batch_size")
+        for k in ("train_limit", "val_limit", "vit_block"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                _err(f"logging.probe.{k}", v, "must be a positive int or null")
+        if not self.temperature > 0:
+            _err("logging.probe.temperature", self.temperature, "must be > 0")
+        if self.num_workers < 0:
+            _err("logging.probe.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = _f(False, "Log to Weights & Biases (pip install -e \".[wandb]\"): the scalars TensorBoard gets, "
+                              "the resolved config and the reconstruction grids.")
+    project: str = _f("simmim-fast", "W&B project.")
+    entity: Optional[str] = _f(None, "W&B entity (team or user); null = the account default.")
+    name: Optional[str] = _f(None, "W&B run name; null = the config's name.")
+    mode: Literal["online", "offline"] = _f("online", "'online' (streams to the server) or 'offline' (run files "
+                                                      "under <output_dir>/wandb; `wandb sync` uploads them).")
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = _f(False, "Log to MLflow (pip install -e \".[mlflow]\"): the scalars TensorBoard gets, the "
+                              "resolved config and the reconstruction grids.")
+    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (http://..., sqlite:///..., file:/folder); null = "
+                                           "a SQLite store <output_dir>/mlflow.db with artifacts in "
+                                           "<output_dir>/mlartifacts.")
+    experiment: str = _f("simmim-fast", "MLflow experiment name (created if missing).")
+    run_name: Optional[str] = _f(None, "MLflow run name; null = the config's name.")
+
+
+@dataclass
 class LoggingConfig:
     print_every: int = _f(10, "Progress/metrics log interval in optimiser steps.")
     tensorboard: bool = _f(True, "Write TensorBoard scalars under <output_dir>/tensorboard.")
@@ -346,11 +398,15 @@ class LoggingConfig:
                                                             "print_every steps.")
     loss_curve: bool = _f(True, "Write <output_dir>/loss_curve.png from metrics.jsonl at every checkpoint and at "
                                 "the end.")
+    probe: ProbeConfig = _f(ProbeConfig(), "Online kNN probe while pretraining (off unless probe.data is set).")
+    wandb: WandbConfig = _f(WandbConfig(), "Weights & Biases tracking (off unless wandb.enabled).")
+    mlflow: MlflowConfig = _f(MlflowConfig(), "MLflow tracking (off unless mlflow.enabled).")
 
     def validate(self) -> None:
         _positive(self, "print_every")
         if self.visualize_every < 0:
             _err("logging.visualize_every", self.visualize_every, "must be >= 0")
+        self.probe.validate()
 
 
 @dataclass

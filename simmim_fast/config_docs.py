@@ -12,6 +12,24 @@ from .typed_config import config_to_dict, type_name
 __all__ = ["schema_markdown", "add_arguments", "main"]
 
 
+def _rows(prefix: str, tp: type) -> list:
+    """One table row per key of the dataclass ``tp``; a nested dataclass (e.g. logging.probe) gives a row
+    naming the sub-section, then one row per key of it."""
+    rows = []
+    hints = typing.get_type_hints(tp)
+    for sf in dataclasses.fields(tp):
+        key = f"{prefix}.{sf.name}"
+        if dataclasses.is_dataclass(hints[sf.name]):
+            rows.append(f"| `{key}` | object | | {sf.metadata['help']} Keys: |")
+            rows += _rows(key, hints[sf.name])
+            continue
+        default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
+        rows.append(f"| `{key}` | {type_name(hints[sf.name])} | "
+                    f"`{json.dumps(config_to_dict(default) if isinstance(default, tuple) else default)}` | "
+                    f"{sf.metadata['help']} |")
+    return rows
+
+
 def schema_markdown() -> str:
     """Every config key with its type, default and meaning, as Markdown (docs/CONFIG.md)."""
     lines = ["# Config reference", "",
@@ -27,12 +45,7 @@ def schema_markdown() -> str:
             continue
         lines += [f"## `{f.name}`: {f.metadata['help']}", "", "| key | type | default | meaning |",
                   "|---|---|---|---|"]
-        hints = typing.get_type_hints(tp)
-        for sf in dataclasses.fields(tp):
-            default = sf.default if sf.default is not dataclasses.MISSING else sf.default_factory()
-            lines.append(f"| `{f.name}.{sf.name}` | {type_name(hints[sf.name])} | "
-                         f"`{json.dumps(config_to_dict(default) if isinstance(default, tuple) else default)}` | "
-                         f"{sf.metadata['help']} |")
+        lines += _rows(f.name, tp)
         lines.append("")
     lines += ["## top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for f, tp in scalars:

@@ -1,4 +1,5 @@
-"""Rank-0 training logs: progress bar (or log lines), metrics.jsonl, TensorBoard scalars, loss-curve PNG."""
+"""Rank-0 training logs: progress bar (or log lines), metrics.jsonl, TensorBoard scalars and images, the
+experiment trackers (W&B, MLflow), loss-curve PNG."""
 from __future__ import annotations
 
 import json
@@ -6,9 +7,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_loss_curve", "format_eta"]
+import numpy as np
+
+__all__ = ["MetricsLogger", "read_metrics", "record_scalars", "plot_loss_curve", "format_eta", "TRAIN_SCALARS"]
 
 
 def format_eta(seconds: float) -> str:
@@ -57,12 +60,31 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "", loss_la
     return png_path
 
 
+# Keys of a step record: the training scalars (TensorBoard tags train/<key>) and the bookkeeping that is not
+# plotted; any other number in a record (an on_step callback's, e.g. probe/knn_top1) is plotted under its own name.
+TRAIN_SCALARS = ("loss", "lr", "img_per_s", "grad_norm")
+BOOKKEEPING = ("step", "epoch", "skipped_steps", "samples", "time")
+
+
+def record_scalars(rec: Dict[str, Any]) -> Dict[str, float]:
+    """{tag: value} of a step record, as TensorBoard and the trackers get them (None values left out)."""
+    out = {f"train/{k}": rec[k] for k in TRAIN_SCALARS if rec.get(k) is not None}
+    out.update({k: v for k, v in rec.items() if k not in TRAIN_SCALARS and k not in BOOKKEEPING
+                and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
 class MetricsLogger:
-    """Does nothing on ranks other than 0."""
+    """Does nothing on ranks other than 0.
+
+    ``trackers``: objects with ``log_scalars(scalars, step)``, ``log_image(tag, image, step)`` and
+    ``close()`` (simmim_fast.engine.trackers) that get what TensorBoard gets."""
 
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool,
-                 progress_bar, name: str = "", loss_label: str = "loss"):
+                 progress_bar, name: str = "", loss_label: str = "loss", trackers: Sequence[Any] = ()):
         self.enabled = enabled
+        self.trackers = list(trackers) if enabled else []
+        self._images: List[tuple] = []  # (tag, image, step) waiting for that step's record (trackers)
         self.loss_label = loss_label  # what the loss is, for the loss curve's axis
         self.output_dir = Path(output_dir)
         self.total_steps, self.name = total_steps, name
@@ -89,10 +111,34 @@ class MetricsLogger:
             return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        scalars = record_scalars(rec)
         if self.tb is not None:
-            for k in ("loss", "lr", "img_per_s", "grad_norm"):
-                if rec.get(k) is not None:
-                    self.tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, rec["step"])
+        for tracker in self.trackers:
+            tracker.log_scalars(scalars, rec["step"])
+        self._send_images(rec["step"])
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An (H, W, 3) uint8 image (numpy array or PIL image) of ``step``: TensorBoard now; the trackers
+        after that step's record (W&B takes steps in increasing order only)."""
+        if not self.enabled:
+            return
+        image = np.asarray(image)
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+        if self.trackers:
+            self._images.append((tag, image, step))
+
+    def _send_images(self, up_to_step: Optional[int]) -> None:
+        keep = []
+        for tag, image, step in self._images:
+            if up_to_step is None or step <= up_to_step:
+                for tracker in self.trackers:
+                    tracker.log_image(tag, image, step)
+            else:
+                keep.append((tag, image, step))
+        self._images = keep
 
     def progress(self, step: int, rec: Dict[str, Any], sec_per_step: float) -> None:
         if not self.enabled:
@@ -100,14 +146,16 @@ class MetricsLogger:
         eta = format_eta(sec_per_step * (self.total_steps - step))
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s "
-                                     f"ETA {eta}", refresh=True)
+            extra = "".join(f" {k} {v:.4g}" for k, v in record_scalars(rec).items() if not k.startswith("train/"))
+            self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s"
+                                     f"{extra} ETA {eta}", refresh=True)
         else:
             gn = rec.get("grad_norm")
+            extra = "".join(f" {k} {v:.4g}" for k, v in record_scalars(rec).items() if not k.startswith("train/"))
             print(f"[{self.name}] step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} "
                   f"lr {rec['lr']:.3e} {rec['img_per_s']:.1f} img/s"
                   + (f" grad_norm {gn:.3f}" if gn is not None else "")
-                  + (f" skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else "") + f" ETA {eta}",
+                  + (f" skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else "") + extra + f" ETA {eta}",
                   flush=True)
 
     def message(self, text: str) -> None:
@@ -118,7 +166,14 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Idempotent; ``failed``: the run ended by an error (MLflow marks the run FAILED)."""
+        if self.trackers:
+            if not failed:
+                self._send_images(None)
+            for tracker in self.trackers:
+                tracker.close(failed)
+            self.trackers = []
         if self.bar is not None:
             self.bar.close()
             self.bar = None

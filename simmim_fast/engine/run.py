@@ -31,6 +31,7 @@ from .dist import DistInfo, barrier, init_distributed, set_cpu_threads, shutdown
 from .ds_config import resolve_precision
 from .metrics import MetricsLogger
 from .schedule import LRSchedule
+from .trackers import build_trackers, check_tracker_packages
 from .trainer import TrainState, Trainer
 
 __all__ = ["RunContext", "prepare", "resolve_resume", "run", "gathered", "setup_logging"]
@@ -48,6 +49,7 @@ class RunContext:
     dist: DistInfo
     backend: Any = None
     loader: Any = None
+    logger: Any = None   # the MetricsLogger (after it is built; on_step callbacks may log images through it)
     steps_per_epoch: int = 0
     total_steps: int = 0
 
@@ -114,6 +116,7 @@ def prepare(cfg: Config, output_dir: Optional[str], resume: str) -> Tuple[Path, 
             raise UserError("config key 'train.nan_policy' = \"skip\" needs engine.zero_stage >= 1 in deepspeed "
                             "mode with fp32 weights (DeepSpeed skips non-finite updates only inside its ZeRO and "
                             "half-precision optimisers); set engine.zero_stage=1 or engine.mode=torch")
+    check_tracker_packages(cfg)
     return out, resolve_resume(resume, out, cfg), precision
 
 
@@ -141,14 +144,15 @@ def run(cfg: Config, out: Path, resume_path: Optional[Path], precision: str, *,
         build_model: Callable[[RunContext], Tuple[torch.nn.Module, List[dict]]],
         build_loader: Callable[[RunContext], Any],
         loss_label: str,
-        on_step: Optional[Callable[[RunContext], Optional[Callable[[TrainState], None]]]] = None,
+        on_step: Optional[Callable[[RunContext], Optional[Callable[[TrainState], Optional[dict]]]]] = None,
         describe: Optional[Callable[[RunContext], str]] = None) -> TrainState:
     """Train ``cfg`` to its end (or max_steps) and return the final state.
 
     build_model(ctx) -> (model whose forward returns the loss, optimiser param groups), called after
         the process group exists and the seed is set (identical initial weights on every rank).
     build_loader(ctx) -> a loader with ``micro_batches_per_epoch`` and ``epoch(epoch, start_step)``.
-    on_step(ctx) -> an optional per-optimiser-step callback, made once the trainer's parts exist.
+    on_step(ctx) -> an optional per-optimiser-step callback, made once the trainer's parts exist (ctx.logger
+        included); it may return a dict of scalars for that step (see Trainer).
     describe(ctx) -> an extra start-up line (rank 0).
     """
     dist = init_distributed(cfg.engine.mode, cfg.engine.dist_backend)
@@ -175,13 +179,14 @@ def run(cfg: Config, out: Path, resume_path: Optional[Path], precision: str, *,
         if dist.is_main:
             _announce(ctx, threads, describe)
         start_step = read_trainer_state(resume_path)["state"]["step"] if resume_path is not None else 0
-        logger = MetricsLogger(out, dist.is_main, ctx.total_steps, start_step, cfg.logging.tensorboard,
-                               cfg.logging.progress_bar, cfg.name, loss_label)
+        trackers = (build_trackers(cfg, out, config_to_dict(cfg), resuming=start_step > 0) if dist.is_main else [])
+        ctx.logger = MetricsLogger(out, dist.is_main, ctx.total_steps, start_step, cfg.logging.tensorboard,
+                                   cfg.logging.progress_bar, cfg.name, loss_label, trackers)
         trainer = Trainer(
             backend=ctx.backend, loader=ctx.loader, schedule=schedule, steps_per_epoch=ctx.steps_per_epoch,
             epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, global_batch_size=cfg.train.global_batch_size,
             nan_policy=cfg.train.nan_policy, max_skipped_steps=cfg.train.max_skipped_steps, checkpoints=checkpoints,
-            checkpoint_every=cfg.checkpoint.every_steps, save_at_end=cfg.checkpoint.save_at_end, logger=logger,
+            checkpoint_every=cfg.checkpoint.every_steps, save_at_end=cfg.checkpoint.save_at_end, logger=ctx.logger,
             print_every=cfg.logging.print_every, world_size=dist.world_size, config=cfg,
             loss_curve=cfg.logging.loss_curve, on_step=on_step(ctx) if on_step is not None else None)
         state = None
@@ -193,6 +198,10 @@ def run(cfg: Config, out: Path, resume_path: Optional[Path], precision: str, *,
         if dist.is_main:
             print(f"done: {state.step} steps, {state.skipped_steps} skipped; outputs in {out}", flush=True)
         return state
+    except BaseException:
+        if ctx.logger is not None:
+            ctx.logger.close(failed=True)
+        raise
     finally:
         if ctx.loader is not None:
             ctx.loader.close()

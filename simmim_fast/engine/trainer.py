@@ -6,13 +6,19 @@ yields micro-batches with a resumable ``epoch(epoch, start_batch)``, and the sch
 Host syncs: losses stay on the device and are fetched once per ``print_every`` steps (one all-reduce
 for all ranks' losses), before each checkpoint and at the end, so the host can run ahead of the GPU.
 nan_policy 'skip' adds one sync per step (it must decide before the update).
+
+``on_step(state)`` runs after every optimiser step on every rank (before the checkpoint of that step). It
+returns None, or a dict of scalars for this step (e.g. an evaluation's result; ``{}`` on ranks that
+log nothing): they join the step's record in metrics.jsonl, TensorBoard and the trackers under their
+own names, and the progress line, and force a flush at that step. Whether it returns None must be
+the same on every rank (the flush all-reduces the losses).
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -46,6 +52,7 @@ class _Pending:
     losses: List[torch.Tensor] = field(default_factory=list)
     lrs: List[float] = field(default_factory=list)
     norm: Optional[torch.Tensor] = None
+    extras: Dict[str, float] = field(default_factory=dict)  # the on_step callback's scalars (last step)
 
 
 class Trainer:
@@ -53,7 +60,7 @@ class Trainer:
                  max_steps: Optional[int], global_batch_size: int, nan_policy: str, max_skipped_steps: int,
                  checkpoints: CheckpointManager, checkpoint_every: int, save_at_end: bool, logger: MetricsLogger,
                  print_every: int, world_size: int, config, loss_curve: bool = True,
-                 on_step: Optional[Callable[[TrainState], None]] = None):
+                 on_step: Optional[Callable[[TrainState], Optional[Dict[str, float]]]] = None):
         if steps_per_epoch < 1:
             raise UserError("steps_per_epoch must be >= 1")
         self.backend, self.loader, self.schedule = backend, loader, schedule
@@ -104,10 +111,9 @@ class Trainer:
             batches = iter(self.loader.epoch(state.epoch, start_batch=micro_start))
             while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
                 self._one_step(state, batches)
-                if state.step % self.print_every == 0:
+                scalars = self._call_on_step(state)
+                if state.step % self.print_every == 0 or scalars is not None:
                     self._flush(state)
-                if self.on_step is not None:
-                    self.on_step(state)
                 if state.step % self.checkpoint_every == 0:
                     self.save(state)
             if state.step_in_epoch >= self.steps_per_epoch:
@@ -118,6 +124,17 @@ class Trainer:
             self.save(state)
         self.logger.close()
         return state
+
+    def _call_on_step(self, state: TrainState) -> Optional[Dict[str, float]]:
+        """Run the job's callback; scalars it returns join this step's record, which is logged at once.
+        Its time stays in the img/s of its interval: on CUDA it first waits for the queued steps, which
+        the host cannot tell apart from its own time without a sync per step."""
+        if self.on_step is None:
+            return None
+        scalars = self.on_step(state)
+        if scalars is not None:
+            self._pending.extras.update(scalars)
+        return scalars
 
     def _micro_batches(self, batches: Iterator) -> Iterator[Any]:
         for i in range(self.accumulation):
@@ -192,6 +209,8 @@ class Trainer:
                    "img_per_s": round(img_s, 2), "grad_norm": norm if last else None,
                    "skipped_steps": state.skipped_steps, "samples": state.samples - (len(p.steps) - 1 - i)
                    * self.global_batch_size, "time": round(now, 3)}
+            if last:
+                rec.update(p.extras)
             self.logger.log(rec)
         self.logger.progress(state.step, {**rec, "loss": sum(x for x in losses if math.isfinite(x))
                                           / max(1, sum(math.isfinite(x) for x in losses))}, self._sec_per_step)

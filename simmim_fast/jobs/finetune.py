@@ -295,9 +295,9 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
                             normalisation(cfg))
         results["best_top1"] = keeper.best
 
-        def evaluate(state) -> None:
+        def evaluate(state) -> Optional[Dict[str, float]]:
             if state.step_in_epoch != ctx.steps_per_epoch and state.step != ctx.total_steps:
-                return
+                return None
             module = ctx.backend.module.encoder
             # ZeRO-3 fetches and releases parameters around each submodule's forward by itself; only
             # reading the full weights for best/ needs them gathered (all ranks enter, rank 0 writes).
@@ -314,6 +314,8 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
                                         "best": keeper.best}) + "\n")
                 print(f"eval epoch {state.epoch} step {state.step}: top-1 {top1:.2f}% on {n} images"
                       f"{' (best so far, saved to ' + str(keeper.dir) + ')' if improved else ''}", flush=True)
+            # also in metrics.jsonl, TensorBoard and the trackers, with the step's record (every rank returns)
+            return {"eval/top1": top1}
         return evaluate
 
     engine_run.run(cfg, out, resume_path, precision, build_model=build_model, build_loader=build_loader,

@@ -22,6 +22,7 @@ from ..models import SimMIM
 from ..tools.export import normalisation, read_normalisation
 from ..visualization import reconstruction_grid, save_png_atomically
 from ..weights import simmim_param_groups
+from .online_probe import check_probe_config, online_probe_callback
 
 __all__ = ["add_arguments", "main", "preflight"]
 
@@ -41,6 +42,7 @@ def preflight(args: argparse.Namespace):
         overrides.append(f"data.path={json.dumps(args.data_path)}")
     cfg = load_config(args.config, overrides=overrides)
     out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
+    check_probe_config(cfg)
     paths = None
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -94,6 +96,23 @@ def _reconstructions(ctx: engine_run.RunContext):
             grid = reconstruction_grid(ctx.backend.module, images, mask, cfg.data.mean, cfg.data.std)
         if dist.is_main:
             save_png_atomically(grid, out / "reconstructions" / f"step_{state.step:08d}.png")
+            ctx.logger.log_image("reconstructions", grid, state.step)  # TensorBoard and the trackers
+    return callback
+
+
+def _on_step(ctx: engine_run.RunContext):
+    """The job's per-step hooks: reconstruction grids, then the online probe; their scalars merged."""
+    hooks = [h for h in (_reconstructions(ctx), online_probe_callback(ctx)) if h is not None]
+    if not hooks:
+        return None
+
+    def callback(state):
+        scalars = None
+        for hook in hooks:
+            out = hook(state)
+            if out is not None:
+                scalars = {**(scalars or {}), **out}
+        return scalars
     return callback
 
 
@@ -108,5 +127,5 @@ def main(args: argparse.Namespace) -> int:
         return PretrainLoader(cfg, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device, log_dir=out, paths=paths)
 
     engine_run.run(cfg, out, resume_path, precision, build_model=build_model, build_loader=build_loader,
-                   loss_label=LOSS_LABEL, on_step=_reconstructions)
+                   loss_label=LOSS_LABEL, on_step=_on_step)
     return 0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from ..errors import UserError, MissingFileError
 
-__all__ = ["ArrayImageDataset", "eval_datasets", "FASHION_MNIST"]
+__all__ = ["ArrayImageDataset", "eval_datasets", "check_eval_data", "FASHION_MNIST"]
 
 FASHION_MNIST = "fashion-mnist"
 
@@ -63,6 +63,18 @@ def band_center_view(x: torch.Tensor, size: int) -> torch.Tensor:
     from torchvision.transforms import functional as TF
     x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(x, [size, size])
+
+
+def check_eval_data(data: str, what: str = "--data") -> None:
+    """Cheap check that ``data`` (as eval_datasets takes it) is there: MissingFileError naming it if not."""
+    if data == FASHION_MNIST or data.startswith(FASHION_MNIST + ":"):
+        from .fashion_mnist import check_files
+        check_files(data.split(":", 1)[1] if ":" in data else None)
+        return
+    root = Path(data).expanduser()
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise MissingFileError(f"{what} {root}: expected an ImageFolder root with train/ and val/ folders "
+                               f"(one sub-folder per class in each), or 'fashion-mnist'")
 
 
 def eval_datasets(data: str, img_size: int, mean: Sequence[float], std: Sequence[float],

@@ -14,7 +14,8 @@ from typing import Optional, Tuple
 import numpy as np
 from ..errors import UserError, MissingFileError
 
-__all__ = ["DEFAULT_ROOT", "CLASSES", "fashion_mnist_root", "read_idx", "load_fashion_mnist", "write_image_folder"]
+__all__ = ["DEFAULT_ROOT", "CLASSES", "fashion_mnist_root", "check_files", "read_idx", "load_fashion_mnist",
+           "write_image_folder"]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -34,6 +35,15 @@ def _find(root: Path, stem: str) -> Path:
     raise MissingFileError(f"Fashion-MNIST file {stem}[.gz] not found in {root}: install the Debian package "
                             f"(apt-get install dataset-fashion-mnist) or set SIMMIM_FASHION_MNIST to the folder "
                             f"holding the four idx files")
+
+
+def check_files(root: Optional[str | Path] = None) -> Path:
+    """The folder holding all four idx files (MissingFileError naming the first missing one)."""
+    r = fashion_mnist_root(root)
+    for stems in _FILES.values():
+        for stem in stems:
+            _find(r, stem)
+    return r
 
 
 def read_idx(path: str | Path) -> np.ndarray:

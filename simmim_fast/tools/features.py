@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..models.vit import vit_forward_tokens
 
 __all__ = ["pooled_features", "extract_features", "feature_sets", "default_vit_block", "add_feature_arguments",
-           "features_from_args"]
+           "features_from_args", "num_classes_of"]
 
 
 def default_vit_block(depth: int) -> int:
@@ -55,9 +55,10 @@ def extract_features(encoder: torch.nn.Module, dataset: Dataset, blocks=(None,),
     feats = {b: [] for b in blocks}
     labels = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    dtype = next(encoder.parameters()).dtype  # half-precision weights (e.g. DeepSpeed bf16) take half inputs
     try:
         for images, y in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype, non_blocking=True)
             for b in blocks:
                 feats[b].append(pooled_features(encoder, images, b).float().cpu())
             labels.append(torch.as_tensor(y))
@@ -112,5 +113,9 @@ def features_from_args(args: argparse.Namespace) -> Tuple[Dict[str, tuple], int]
     train, val = eval_datasets(args.data, cfg.model.img_size, cfg.data.mean, cfg.data.std,
                                args.train_limit, args.val_limit, args.seed, cfg.data.value_range)
     sets = feature_sets(model.encoder, train, val, args.vit_block, args.batch_size, args.device, args.workers)
-    num_classes = int(max(int(s[1].max()) for s in sets.values()) + 1)
-    return sets, num_classes
+    return sets, num_classes_of(sets)
+
+
+def num_classes_of(sets: Dict[str, tuple]) -> int:
+    """Classes of feature sets from ``feature_sets``: the largest training label + 1."""
+    return int(max(int(s[1].max()) for s in sets.values()) + 1)
