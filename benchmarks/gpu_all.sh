@@ -140,7 +140,8 @@ for p in "${parts[@]}"; do
       if [ ${#tests[@]} -eq 0 ]; then record tests "no test files" 0 0; continue; fi
       xdist=()
       [ "$tiny" != 1 ] && $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
-      part tests $PY -m pytest "${tests[@]}" ${xdist[@]+"${xdist[@]}"} -v -p no:cacheprovider --durations=5 ;;
+      # SIMMIM_SLOW_TESTS=1 (unless set): the full SimMIM sizes and the model under inductor, as the GPU allows
+      SIMMIM_SLOW_TESTS=${SIMMIM_SLOW_TESTS-1} part tests $PY -m pytest "${tests[@]}" ${xdist[@]+"${xdist[@]}"} -v -p no:cacheprovider --durations=5 ;;
   esac
 done
 
