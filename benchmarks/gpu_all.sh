@@ -50,7 +50,8 @@ else
   minimum=([steps]=60 [attention]=30 [kernels]=30 [tests]=30)
   steps_args=(--models swin_b swin_l --batch 128 --warmup 3 --steps 20)
   tests=()
-  for f in kernels/tests/test_window_attention*.py tests/test_window_attention*.py tests/test_attention*.py \
+  # the attention tests first (whatever their names), then the kernel tests at full sizes
+  for f in kernels/tests/test_*attention*.py tests/test_*attention*.py \
            kernels/tests/test_kernels.py tests/test_kernels_model.py tests/test_kernels_compile.py; do
     [ -e "$f" ] && tests+=("$f")
   done
