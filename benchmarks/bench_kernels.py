@@ -1,7 +1,7 @@
 """Fused ops vs the plain-PyTorch reference (eager and torch.compile), forward + backward.
 
     pytest benchmarks/                       # CPU: tiny sizes, only checks that the suite runs
-    benchmarks/gpu_check.sh                  # GPU: full SimMIM sizes (B = 128) and a table
+    bash benchmarks/gpu_all.sh OUT           # GPU: full SimMIM sizes (B = 128), tables in OUT/perf.md
 
 Each call is one forward and one backward (torch.autograd.grad, so no .grad accumulation pass).
 GB/s are against the minimum bytes: every input read once, every output written once.
@@ -9,7 +9,7 @@ GB/s are against the minimum bytes: every input read once, every output written 
 import pytest
 import torch
 
-from _device import DEVICE, ON_GPU, sync_timer
+from _device import COMPILE_BACKEND, DEVICE, ON_GPU, sync_timer
 from simmim_fast.kernels import mask_token_substitute, masked_l1_loss
 from simmim_fast.kernels import reference as ref
 
@@ -56,7 +56,7 @@ def _run(benchmark, results, case, variant, order, step, min_bytes):
     benchmark.pedantic(step, **ROUNDS)
     t = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = min_bytes / t / 1e9
-    results[(case, variant)] = dict(time_s=t, min_bytes=min_bytes, order=order)
+    results[(case, variant)] = dict(suite="kernels", time_s=t, min_bytes=min_bytes, order=order)
 
 
 def _substitute_fn(variant):
@@ -64,7 +64,7 @@ def _substitute_fn(variant):
         return ref.mask_token_substitute
     if variant == "compiled_ref":
         torch._dynamo.reset()
-        return torch.compile(ref.mask_token_substitute)
+        return torch.compile(ref.mask_token_substitute, backend=COMPILE_BACKEND)
     return lambda x, m, t: mask_token_substitute(x, m, t, backend="triton")
 
 
@@ -104,7 +104,7 @@ def _l1_fn(variant, shuffle):
         return reference
     if variant == "compiled_ref":
         torch._dynamo.reset()
-        return torch.compile(reference)
+        return torch.compile(reference, backend=COMPILE_BACKEND)
     return lambda pred, target, mask, p: masked_l1_loss(pred, target, mask, p, backend="triton", pixel_shuffle=shuffle)
 
 

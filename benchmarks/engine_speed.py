@@ -36,6 +36,8 @@ MODELS = {
     # CPU the step time is then mostly host work, which is what an engine adds.
     "tiny": (ROOT / "configs/swin_b.json", ["model.embed_dim=16", "model.num_heads=[1,2,4,8]", "model.img_size=64",
                                            "model.window_size=4", "mask.mask_patch_size=16"]),
+    # the CPU config (depths 1-1-2-1, width 32, 96 px): a smoke run of benchmarks/gpu_all.sh's logic
+    "tiny_cpu": (ROOT / "configs/swin_tiny_cpu.json", []),
 }
 
 

@@ -1,4 +1,5 @@
-"""The 'dali' backend (GPU decode): run where a CUDA GPU and DALI are present (benchmarks/gpu_data_check.sh).
+"""The 'dali' backend (GPU decode): run where a CUDA GPU and DALI are present (the data part of
+benchmarks/gpu_deepspeed_dali.sh).
 
 Skipped elsewhere; the pipeline it builds is the one the 'dali_cpu' tests exercise on the CPU, with
 the decoder on the GPU ("mixed") and the resize/flip/normalise ops following it there.

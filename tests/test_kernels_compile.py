@@ -2,8 +2,8 @@
 
 On the CPU the kernels run in Triton's interpreter inside the compiled graph: the custom ops are
 opaque nodes, so inductor calls them as they are. The full SimMIM model under inductor takes
-minutes on a small CPU, so that test runs only with SIMMIM_SLOW_TESTS=1 (benchmarks/gpu_check.sh
-sets it); the model under aot_eager (the same AOTAutograd tracing, no code generation) always runs.
+minutes on a small CPU, so that test runs only with SIMMIM_SLOW_TESTS=1 (the tests part of
+benchmarks/gpu_all.sh sets it); the model under aot_eager (the same AOTAutograd tracing, no code generation) always runs.
 """
 import os
 

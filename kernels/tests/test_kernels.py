@@ -505,7 +505,7 @@ def test_errors_name_the_argument(name, call, match):
 
 
 # --------------------------------------------------------------------------------------------------
-# full SimMIM sizes: GPU only (run by benchmarks/gpu_check.sh)
+# full SimMIM sizes: GPU only (run by the tests part of benchmarks/gpu_all.sh)
 # --------------------------------------------------------------------------------------------------
 
 FULL = [((128, 48, 48, 128), torch.bfloat16), ((128, 48, 48, 192), torch.bfloat16), ((128, 196, 768), torch.bfloat16),
