@@ -42,6 +42,8 @@ __all__ = ["window_attention", "WindowAttentionFunction", "window_attention_fwd"
 
 # Module constants so that tests can shrink them (several query blocks, several windows per program).
 MAX_BLOCK_M = 64            # query rows per program / loop step; a window of more (padded) tokens is split
+LARGE_BLOCK_M = 32          # ... for windows of more than 64 (padded) tokens and for fp32 inputs, whose
+                            # (query block x keys) tiles would otherwise not fit in registers (ptxas spills)
 BWD_TARGET_PROGRAMS = 1024  # backward: about this many programs in all, each looping over windows
 SUM_BLOCK = 1024            # d(bias) elements per program of the partial-sum kernel
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -192,7 +194,7 @@ def _window_attention_bwd_kernel(
                           EMULATE_RNE)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for mb in tl.static_range(NUM_M):
+        for mb in range(0, NUM_M):  # a loop, not unrolled: unrolling raised ptxas' register pressure
             rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             rd_ok = row_ok[:, None] & d_ok[None, :]
@@ -250,7 +252,8 @@ def _geometry(qkv: torch.Tensor, num_heads: int, window_size: int):
     head_dim = c // num_heads
     n = window_size * window_size
     block_n = max(16, _utils.next_power_of_2(n))
-    block_m = min(block_n, max(16, MAX_BLOCK_M))
+    large = block_n > 64 or qkv.dtype == torch.float32
+    block_m = min(block_n, max(16, min(MAX_BLOCK_M, LARGE_BLOCK_M) if large else MAX_BLOCK_M))
     return dict(b=b, h=h, w=w, c=c, head_dim=head_dim, n=n, n_wh=h // window_size, n_ww=w // window_size,
                 n_windows=b * (h // window_size) * (w // window_size), block_n=block_n, block_m=block_m,
                 block_d=max(16, _utils.next_power_of_2(head_dim)), num_m=_utils.cdiv(n, block_m),

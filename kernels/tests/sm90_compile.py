@@ -154,10 +154,11 @@ def launches():
 
 def window_launches(record):
     """Swin-B (window 6, C 128, 4 heads) and Swin-L (window 12, C 192, 6 heads) first-stage shapes at
-    192 px (48 x 48 map), head dim 32, shifted and not, bf16 and fp32 (fp32 bias)."""
+    192 px (48 x 48 map), head dim 32, shifted (the unshifted kernels lack only the mask), bf16 and
+    fp32 (fp32 bias)."""
     for ws, shift, c, heads, dtype in [
-        (6, 3, 128, 4, torch.bfloat16), (6, 0, 128, 4, torch.bfloat16), (6, 3, 128, 4, torch.float32),
-        (12, 6, 192, 6, torch.bfloat16), (12, 0, 192, 6, torch.bfloat16), (12, 6, 192, 6, torch.float32),
+        (6, 3, 128, 4, torch.bfloat16), (6, 3, 128, 4, torch.float32),
+        (12, 6, 192, 6, torch.bfloat16), (12, 6, 192, 6, torch.float32),
     ]:
         qkv = torch.randn(2, 48, 48, 3 * c, dtype=dtype)
         bias = torch.randn(heads, ws * ws, ws * ws)
