@@ -181,10 +181,10 @@ def _window_attention_bwd_kernel(
     if NUM_M == 1:
         dbias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        for mb in tl.static_range(NUM_M):
-            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            tl.store(partial + rows[:, None] * N + cols[None, :], tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                     mask=(rows < N)[:, None] & col_ok[None, :])
+        for zb in tl.static_range(NUM_M):
+            zrows = zb * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(partial + zrows[:, None] * N + cols[None, :], tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                     mask=(zrows < N)[:, None] & col_ok[None, :])
         tl.debug_barrier()
     for window in range(first, last):
         b_c, y_c, x_c, lab_c = _tokens(window, cols, n_wh, n_ww, height, width, WS, SHIFT)
@@ -230,8 +230,8 @@ def _window_attention_bwd_kernel(
         tl.store(dqkv_ptr + dk_tok[:, None] + (2 * n_channels + ch)[None, :] * stride_dc,
                  cast(dv, GRAD_DTYPE, EMULATE_RNE), mask=kv_ok)
     if NUM_M == 1:
-        rows = tl.arange(0, BLOCK_M)
-        tl.store(partial + rows[:, None] * N + cols[None, :], dbias, mask=(rows < N)[:, None] & col_ok[None, :])
+        brows = tl.arange(0, BLOCK_M)
+        tl.store(partial + brows[:, None] * N + cols[None, :], dbias, mask=(brows < N)[:, None] & col_ok[None, :])
 
 
 @triton.jit
