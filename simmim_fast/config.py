@@ -73,8 +73,14 @@ class ModelConfig:
                                            "(--resume continues a run). null = random init.")
     init_strict: bool = _f(False, "With model.init_weights: refuse any missing, unexpected or mismatched key.")
     ops_backend: Literal["auto", "triton", "torch"] = _f("auto", "Implementation of mask-token substitution and "
-                                                               "the masked L1 loss: 'auto' (fused Triton kernels on "
+                                                               "the masked L1 loss (and of the window attention with "
+                                                               "model.attention 'fused'): 'auto' (fused Triton kernels on "
                                                                "CUDA, reference elsewhere), 'triton' or 'torch'.")
+    attention: Literal["timm", "fused"] = _f("timm", "Swin block attention: 'timm' (timm's roll, window partition, "
+                                                  "attention, reverse, roll back) or 'fused' (the fused "
+                                                  "window-attention op between the same qkv and proj Linears; "
+                                                  "its backend is model.ops_backend). Same parameters and "
+                                                  "state dict either way. Ignored for ViT.")
 
     def validate(self) -> None:
         _positive(self, "img_size", "patch_size", "in_chans", "embed_dim", "window_size", "norm_targets_window")

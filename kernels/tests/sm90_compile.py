@@ -7,12 +7,20 @@ the vectorised global loads / stores in the PTX. The interpreter tests prove the
 this proves that the compiled path builds, for the launches the ops really make.
 
     python kernels/tests/sm90_compile.py      # prints one JSON line per launch; needs TRITON_INTERPRET unset
+    python kernels/tests/sm90_compile.py window   # only the cases whose name starts with "window"
+
+Each line also has the compiled kernel's registers per thread and stack frame (cuobjdump on the
+cubin), spill bytes (ptxas -v) and shared memory (Triton's allocation).
 Used by tests/test_kernels_sm90.py in a subprocess.
 """
+import contextlib
+import io
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("sm90_compile.py compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -30,6 +38,8 @@ except ImportError as err:
 
 from simmim_kernels import mask_substitute as ms  # noqa: E402
 from simmim_kernels import masked_l1 as ml  # noqa: E402
+
+wa = sys.modules["simmim_kernels.window_attention"]  # the module (the package exports the op under its name)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -60,20 +70,48 @@ def compile_launch(fn, args, kwargs):
         signature[name] = kind
         if spec and BaseBackend.parse_attr(spec):
             attrs[(i,)] = BaseBackend.parse_attr(spec)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True   # ptxas -v: registers and spill bytes, printed to stdout
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options)
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = False
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     ptx = kernel.asm["ptx"]
     return dict(kernel=fn.__name__, cubin=len(kernel.asm.get("cubin", b"")),
+                num_warps=kernel.metadata.num_warps, shared_bytes=kernel.metadata.shared,
+                **resource_usage(kernel.asm.get("cubin", b"")),
+                spill_store_bytes=int(spills[-1][0]) if spills else -1,
+                spill_load_bytes=int(spills[-1][1]) if spills else -1,
                 vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
                 vector_stores=len(re.findall(r"st\.global(?:\.\w+)*\.v[248]", ptx)),
                 scalar_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b|u|s|f)\d+\s", ptx)),
                 scalar_stores=len(re.findall(r"st\.global(?:\.\w+)*\.(?:b|u|s|f)\d+\s", ptx)))
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local memory (spills) of the cubin's kernel, from cuobjdump."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    tool = os.path.join(os.path.dirname(get_ptxas(TARGET.arch).path), "cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return dict(registers=int(found.get("REG", -1)), local_bytes=int(found.get("LOCAL", -1)),
+                stack_bytes=int(found.get("STACK", -1)))
+
+
 def launches():
     """(case name, [recorded launches]) for the layouts and dtypes the ops support."""
     log = []
     for mod, names in ((ms, ["_mask_substitute_fwd_kernel", "_mask_substitute_bwd_kernel", "_sum_rows_kernel"]),
-                       (ml, ["_masked_l1_fwd_kernel", "_masked_l1_finish_kernel", "_masked_l1_bwd_kernel"])):
+                       (ml, ["_masked_l1_fwd_kernel", "_masked_l1_finish_kernel", "_masked_l1_bwd_kernel"]),
+                       (wa, ["_window_attention_fwd_kernel", "_window_attention_bwd_kernel", "_sum_partials_kernel"])):
         for name in names:
             setattr(mod, name, Recorder(getattr(mod, name), log))
 
@@ -111,10 +149,32 @@ def launches():
         loss, denom = torch.ones((), dtype=torch.float32), torch.ones((), dtype=torch.float32)
         yield record(f"{tag} fwd", lambda: ml.masked_l1_fwd(pred, target, mask, p, 1e-5, shuffle))
         yield record(f"{tag} bwd", lambda: ml.masked_l1_bwd(loss, denom, pred, target, mask, p, shuffle, need_target))
+    yield from window_launches(record)
+
+
+def window_launches(record):
+    """Swin-B (window 6, C 128, 4 heads) and Swin-L (window 12, C 192, 6 heads) first-stage shapes at
+    192 px (48 x 48 map), head dim 32, shifted (the unshifted kernels lack only the mask), bf16 and
+    fp32 (fp32 bias)."""
+    for ws, shift, c, heads, dtype in [
+        (6, 3, 128, 4, torch.bfloat16), (6, 3, 128, 4, torch.float32),
+        (12, 6, 192, 6, torch.bfloat16), (12, 6, 192, 6, torch.float32),
+    ]:
+        qkv = torch.randn(2, 48, 48, 3 * c, dtype=dtype)
+        bias = torch.randn(heads, ws * ws, ws * ws)
+        grad = torch.randn(2, 48, 48, c, dtype=dtype)
+        lse = torch.randn(2 * (48 // ws) ** 2, heads, ws * ws)
+        scale = (c // heads) ** -0.5
+        tag = f"window {ws} shift {shift} (2, 48, 48, {3 * c}) heads {heads} {dtype}"
+        yield record(f"{tag} fwd", lambda: wa.window_attention_fwd(qkv, bias, heads, ws, shift, scale))
+        yield record(f"{tag} bwd", lambda: wa.window_attention_bwd(grad, qkv, bias, lse, heads, ws, shift, scale))
 
 
 def main():
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
     for case, log in launches():
+        if not case.startswith(only):
+            continue
         for fn, _grid, args, kwargs in log:
             try:
                 result = compile_launch(fn, args, kwargs)

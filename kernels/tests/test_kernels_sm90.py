@@ -62,3 +62,28 @@ def test_bandwidth_critical_launches_vectorise(launches, case, kernel, stores):
     assert r["vector_loads"] > 0, r
     if stores:
         assert r["vector_stores"] > 0, r
+
+
+WINDOW_CASES = {
+    "swin_b_bf16": "window 6 shift 3 (2, 48, 48, 384) heads 4 torch.bfloat16",
+    "swin_b_fp32": "window 6 shift 3 (2, 48, 48, 384) heads 4 torch.float32",
+    "swin_l_bf16": "window 12 shift 6 (2, 48, 48, 576) heads 6 torch.bfloat16",
+    "swin_l_fp32": "window 12 shift 6 (2, 48, 48, 576) heads 6 torch.float32",
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
+def test_window_attention_launches_compile(launches, case):
+    runs = [r for r in launches if r["case"].startswith(case)]
+    assert {(r["case"][len(case) + 1:], r["kernel"]) for r in runs} == {
+        ("fwd", "_window_attention_fwd_kernel"), ("bwd", "_window_attention_bwd_kernel"),
+        ("bwd", "_sum_partials_kernel")}
+    assert all("error" not in r and 0 < r["registers"] <= 255 for r in runs), runs
+
+
+@pytest.mark.parametrize("direction,kernel", [("fwd", "_window_attention_fwd_kernel"),
+                                              ("bwd", "_window_attention_bwd_kernel")])
+def test_window_attention_swin_b_bf16_does_not_spill(launches, direction, kernel):
+    """The main training case (Swin-B, window 6, bf16): its kernels fit in registers."""
+    (r,) = [r for r in launches if r["case"] == f"{WINDOW_CASES['swin_b_bf16']} {direction}" and r["kernel"] == kernel]
+    assert r["stack_bytes"] == 0 and r["spill_store_bytes"] in (0, -1), r

@@ -11,11 +11,12 @@ import simmim_kernels
 from simmim_kernels import *  # noqa: F401,F403
 from simmim_kernels import __all__  # noqa: F401
 
-for _name in ("reference", "_utils", "_triton_helpers", "mask_substitute", "masked_l1"):
+for _name in ("reference", "_utils", "_triton_helpers", "mask_substitute", "masked_l1", "window_attention"):
     try:
         _module = importlib.import_module(f"simmim_kernels.{_name}")
     except ImportError:  # no triton in this torch build: the kernel modules cannot import
         continue
     sys.modules[f"{__name__}.{_name}"] = _module
-    globals()[_name] = _module
+    if _name not in globals():  # the op window_attention keeps its name; its module is in sys.modules
+        globals()[_name] = _module
 del importlib, sys, simmim_kernels
