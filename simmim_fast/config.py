@@ -45,9 +45,10 @@ def _section_name(obj: Any) -> str:
 
 @dataclass
 class ModelConfig:
-    encoder: Literal["swin", "vit"] = _f("swin", "Encoder family: 'swin' (timm SwinTransformer) or 'vit' "
-                                          "(timm Beit-style ViT: shared relative position bias, layer scale, "
-                                          "no absolute position embedding).")
+    encoder: Literal["swin", "swinv2", "vit"] = _f(
+        "swin", "Encoder family: 'swin' (timm SwinTransformer), 'swinv2' (timm SwinTransformerV2: res-post-norm, "
+                "scaled cosine attention, log-spaced continuous position bias) or 'vit' (timm Beit-style ViT: "
+                "shared relative position bias, layer scale, no absolute position embedding).")
     img_size: int = _f(192, "Input image size in pixels (square).")
     patch_size: int = _f(4, "Model patch size in pixels (4 for Swin, 16 for ViT-B/16). Also the encoder's "
                             "token stride at the first stage.")
@@ -85,7 +86,7 @@ class ModelConfig:
         if self.encoder == "vit" and len(self.depths) != 1:
             _err("model.depths", self.depths, "must have exactly one entry (the number of blocks) for encoder 'vit'")
         for i, h in enumerate(self.num_heads):
-            width = self.embed_dim * (2 ** i if self.encoder == "swin" else 1)
+            width = self.embed_dim * (2 ** i if self.is_swin else 1)
             if width % h:
                 _err("model.num_heads", self.num_heads, f"stage {i} width {width} is not divisible by {h} heads")
         if not self.mlp_ratio > 0:
@@ -96,11 +97,25 @@ class ModelConfig:
             _err("model.layer_scale_init", self.layer_scale_init, "must be >= 0")
         if self.norm_targets_window % 2 == 0:
             _err("model.norm_targets_window", self.norm_targets_window, "must be odd")
+        if self.encoder == "swinv2" and self.img_size % self.patch_size == 0:
+            # The official SwinV2 cannot run a map that is neither a multiple of the window nor smaller
+            # than it (timm would pad it): refuse rather than compute something the official code does not.
+            side = self.img_size // self.patch_size
+            for i in range(len(self.depths)):
+                s = side // 2 ** i
+                if s > self.window_size and s % self.window_size:
+                    _err("model.window_size", self.window_size, f"stage {i} map is {s} x {s} tokens: the window "
+                         f"must divide it or be at least as large (SwinV2)")
+
+    @property
+    def is_swin(self) -> bool:
+        """A hierarchical Swin-family encoder (swin or swinv2)."""
+        return self.encoder in ("swin", "swinv2")
 
     @property
     def encoder_stride(self) -> int:
         """Pixels per output token of the encoder (32 for Swin with 4 stages, 16 for ViT-B/16)."""
-        if self.encoder == "swin":
+        if self.is_swin:
             return self.patch_size * 2 ** (len(self.depths) - 1)
         return self.patch_size
 
@@ -392,7 +407,7 @@ class Config:
         if self.mask.mask_patch_size % m.patch_size:
             _err("mask.mask_patch_size", self.mask.mask_patch_size,
                  f"must be divisible by model.patch_size ({m.patch_size})")
-        if m.encoder == "swin" and m.img_size % m.encoder_stride:
+        if m.is_swin and m.img_size % m.encoder_stride:
             _err("model.img_size", m.img_size,
                  f"must be divisible by the Swin encoder stride {m.encoder_stride} "
                  f"(patch_size x 2^(stages - 1))")

@@ -46,7 +46,7 @@ def layer_id(name: str, model_cfg: ModelConfig) -> int:
     last = num_layers(model_cfg) + 1
     if n in _EMBED_NAMES or n.startswith("patch_embed."):
         return 0
-    if model_cfg.encoder == "swin":
+    if model_cfg.encoder in ("swin", "swinv2"):  # the same stage / block names in timm
         m = _SWIN_BLOCK.match(n)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
