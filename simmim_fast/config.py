@@ -280,9 +280,10 @@ class EngineConfig:
                                                        "'auto' = on with CUDA except at ZeRO-3 (graph breaks at "
                                                        "every module, see docs/ENGINE.md), off on the CPU; "
                                                        "true/false force it.")
-    optimizer: Literal["auto", "torch_fused", "torch_foreach", "deepspeed_fused"] = _f(
-        "auto", "AdamW implementation: 'auto' (torch fused on CUDA, torch foreach on the CPU), 'torch_fused', "
-                "'torch_foreach' or 'deepspeed_fused' (DeepSpeed FusedAdam; JIT-builds a CUDA op).")
+    optimizer: Literal["auto", "torch_fused", "torch_foreach", "deepspeed_fused", "deepspeed_cpu"] = _f(
+        "auto", "AdamW implementation: 'auto' (torch fused on CUDA, torch foreach on the CPU, DeepSpeed CPU Adam with "
+                "engine.offload), 'torch_fused', 'torch_foreach', 'deepspeed_fused' (DeepSpeed FusedAdam; JIT-builds "
+                "a CUDA op) or 'deepspeed_cpu' (DeepSpeed CPU Adam, only with engine.offload; JIT-builds a C++ op).")
     overlap_comm: Union[bool, Literal["auto"]] = _f(
         "auto", "DeepSpeed zero_optimization.overlap_comm: 'auto' = on with more than one rank at ZeRO >= 2, off "
                 "with one rank (DeepSpeed synchronises the device at every bucket when it is on).")
@@ -296,6 +297,20 @@ class EngineConfig:
     cpu_threads: int = _f(0, "CPU runs: intra-op threads per rank. 0 = OMP_NUM_THREADS if set, else cores / (2 x "
                              "ranks on the machine), at least 1 (more threads than free cores makes every op "
                              "wait on the others).")
+    activation_checkpointing: Union[bool, int] = _f(
+        False, "Activation checkpointing of the encoder blocks (torch.utils.checkpoint, non-reentrant): false = off, "
+               "true = every block, N = every N-th block (blocks 0, N, 2N, ... over all stages). A checkpointed block "
+               "keeps only its input and runs its forward again in the backward pass (one more forward of it; "
+               "drop path drops the same samples both times).")
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = _f(
+        "none", "DeepSpeed ZeRO-Offload: 'optimizer' keeps the fp32 master weights and Adam states on engine."
+                "offload_device and steps them there with DeepSpeed's CPU Adam (ZeRO >= 1; nvme needs ZeRO-3); "
+                "'optimizer_and_params' also keeps the parameters there between uses (ZeRO-3 only). Needs engine.mode "
+                "'deepspeed'.")
+    offload_device: Literal["cpu", "nvme"] = _f("cpu", "Where engine.offload puts its tensors: 'cpu' (pinned host "
+                                                       "memory on CUDA) or 'nvme' (files under engine.nvme_path, "
+                                                       "through DeepSpeed's async_io op; ZeRO-3).")
+    nvme_path: Optional[str] = _f(None, "Folder on a fast local NVMe drive for engine.offload_device 'nvme'.")
 
     def validate(self) -> None:
         if self.cpu_threads < 0:
@@ -312,6 +327,28 @@ class EngineConfig:
         if self.mode == "torch" and self.optimizer == "deepspeed_fused":
             _err("engine.optimizer", self.optimizer, "needs engine.mode 'deepspeed'")
         _positive(self, "reduce_bucket_size", "allgather_bucket_size")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and ac < 1:
+            _err("engine.activation_checkpointing", ac, "must be false, true or a block period N >= 1")
+        if self.offload != "none":
+            if self.mode != "deepspeed":
+                _err("engine.offload", self.offload, "needs engine.mode 'deepspeed' (ZeRO-Offload is DeepSpeed's)")
+            if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+                _err("engine.offload", self.offload, f"needs engine.zero_stage 3 (is {self.zero_stage}): only ZeRO-3 "
+                     f"partitions the parameters; use 'optimizer' at ZeRO 1-2")
+            if self.zero_stage == 0:
+                _err("engine.offload", self.offload, "needs engine.zero_stage >= 1 (ZeRO-0 has no partitioned "
+                                                     "optimizer to offload)")
+            if self.offload_device == "nvme" and self.zero_stage != 3:
+                _err("engine.offload_device", self.offload_device, f"'nvme' needs engine.zero_stage 3 (is "
+                                                                   f"{self.zero_stage}); use 'cpu'")
+            if self.offload_device == "nvme" and not self.nvme_path:
+                _err("engine.nvme_path", self.nvme_path, "must name a folder with engine.offload_device 'nvme'")
+            if self.optimizer not in ("auto", "deepspeed_cpu"):
+                _err("engine.optimizer", self.optimizer, f"must be 'auto' or 'deepspeed_cpu' with engine.offload "
+                     f"{self.offload!r} (the offloaded optimizer steps on the CPU with DeepSpeed's CPU Adam)")
+        elif self.optimizer == "deepspeed_cpu":
+            _err("engine.optimizer", self.optimizer, "needs engine.offload 'optimizer' or 'optimizer_and_params'")
         reserved = sorted({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                            "optimizer", "scheduler"} & set(self.deepspeed))
         if reserved:

@@ -239,6 +239,13 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
     def build_model(ctx):
         net, (name, kwargs) = build_classifier(cfg, num_classes, pretrained)
         target.update(name=name, kwargs=kwargs)
+        ac = cfg.engine.activation_checkpointing
+        if ac is not False:
+            # A plain timm classifier: timm's own switch (non-reentrant torch checkpoint, every block).
+            if ac is not True and ac != 1:
+                raise UserError(f"config key 'engine.activation_checkpointing' = {ac}: fine-tuning checkpoints "
+                                f"every block (true) or none (false), through timm's set_grad_checkpointing")
+            net.set_grad_checkpointing(True)
         model = FinetuneModel(net, cfg.finetune.label_smoothing, soft_targets=mixup is not None)
         return model, param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay,
                                    model_cfg=cfg.model)
