@@ -13,7 +13,7 @@ over all stages in forward order. Outside autograd (eval, ``torch.no_grad``) not
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -44,9 +44,12 @@ def run_block(block: nn.Module, index: int, every: int, x: torch.Tensor, **kwarg
     return block(x, **kwargs)
 
 
-def forward_swin_stages(stages: Iterable[nn.Module], x: torch.Tensor, every: int) -> torch.Tensor:
-    """timm Swin / SwinV2 stages (patch merging first, then the blocks, as timm's stage forward),
-    block by block so that each block can be checkpointed on its own."""
+def forward_swin_stages(stages: nn.Sequential, x: torch.Tensor, every: int) -> torch.Tensor:
+    """timm Swin / SwinV2 stages: ``stages(x)`` without checkpointing; with it, stage by stage (patch
+    merging first, then the blocks, as timm's stage forward) and block by block, so that each block
+    can be checkpointed on its own."""
+    if not every:
+        return stages(x)
     index = 0
     for stage in stages:
         x = stage.downsample(x)
