@@ -276,3 +276,22 @@ def test_export_to_another_window_passes_the_pretraining_windows():
     assert target.layers[0].blocks[0].attn.pretrained_window_size == (12, 12)
     with pytest.raises(Exception, match="swinv2_"):
         timm_target(cfg, "swin_base_patch4_window7_224")
+
+
+def test_finetune_classifier_from_swinv2_with_checkpointing():
+    from simmim_fast.errors import UserError
+    from simmim_fast.jobs.finetune import apply_activation_checkpointing, build_classifier
+    pre = v2_config()
+    state = _model(pre, seed=11).state_dict()
+    ft = load_config(pre, overrides=["engine.activation_checkpointing=true"])
+    net, (name, _) = build_classifier(ft, 5, (pre, state))
+    assert name.startswith("swinv2_") and net.num_classes == 5
+    sd = net.state_dict()
+    assert all(torch.equal(sd[k[len("encoder."):]], v) for k, v in state.items() if k.startswith("encoder."))
+    apply_activation_checkpointing(net, ft)
+    assert all(stage.grad_checkpointing for stage in net.layers)
+    images, _ = _batch(pre, 2, seed=12)
+    torch.manual_seed(0)
+    net.train()(images).sum().backward()  # timm's checkpointed stages run
+    with pytest.raises(UserError, match="engine.activation_checkpointing"):
+        apply_activation_checkpointing(net, load_config(pre, overrides=["engine.activation_checkpointing=2"]))
