@@ -211,7 +211,8 @@ class TrainConfig:
     decay_epochs: List[int] = _f([], "Multistep: epochs at which the lr is multiplied by decay_rate.")
     decay_rate: float = _f(0.1, "Multistep: the factor applied at each of decay_epochs.")
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to 1-D parameters, biases, position "
-                                   "embeddings, the mask token and relative position bias tables).")
+                                   "embeddings, the mask token, relative position bias tables and SwinV2's "
+                                   "continuous position bias MLPs and logit scales).")
     betas: Tuple[float, float] = _f((0.9, 0.999), "AdamW betas.")
     eps: float = _f(1e-8, "AdamW eps.")
     clip_grad: Optional[float] = _f(5.0, "Gradient clipping max norm; null disables.")

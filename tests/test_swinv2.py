@@ -295,3 +295,14 @@ def test_finetune_classifier_from_swinv2_with_checkpointing():
     net.train()(images).sum().backward()  # timm's checkpointed stages run
     with pytest.raises(UserError, match="engine.activation_checkpointing"):
         apply_activation_checkpointing(net, load_config(pre, overrides=["engine.activation_checkpointing=2"]))
+
+
+def test_knn_features_of_a_swinv2_encoder():
+    from simmim_fast.tools.features import pooled_features
+    cfg = v2_config()
+    model = _model(cfg, seed=13).eval()
+    images, _ = _batch(cfg, 3, seed=14)
+    feats = pooled_features(model.encoder, images)
+    assert feats.shape == (3, model.encoder.num_features)
+    with torch.no_grad():
+        torch.testing.assert_close(feats, model.encoder.forward_features(images).mean(dim=(1, 2)))
