@@ -10,6 +10,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from simmim_fast import BatchMaskGenerator, SimMIM, load_config
 from simmim_fast.config import ConfigError
 from simmim_fast.engine.optim import layer_id
+from simmim_fast.errors import UserError
 from simmim_fast.models import normalize_targets
 from simmim_fast.tools.export import convert_to_timm, encoder_state_dict, timm_target
 from simmim_fast.weights import build_timm_model, simmim_param_groups
@@ -274,12 +275,11 @@ def test_export_to_another_window_passes_the_pretraining_windows():
     converted = convert_to_timm(encoder_state_dict(model.state_dict()), target)
     assert set(converted) == set(target.state_dict())
     assert target.layers[0].blocks[0].attn.pretrained_window_size == (12, 12)
-    with pytest.raises(Exception, match="swinv2_"):
+    with pytest.raises(UserError, match="use a swinv2_"):
         timm_target(cfg, "swin_base_patch4_window7_224")
 
 
 def test_finetune_classifier_from_swinv2_with_checkpointing():
-    from simmim_fast.errors import UserError
     from simmim_fast.jobs.finetune import apply_activation_checkpointing, build_classifier
     pre = v2_config()
     state = _model(pre, seed=11).state_dict()
