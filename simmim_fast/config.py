@@ -45,9 +45,10 @@ def _section_name(obj: Any) -> str:
 
 @dataclass
 class ModelConfig:
-    encoder: Literal["swin", "vit"] = _f("swin", "Encoder family: 'swin' (timm SwinTransformer) or 'vit' "
-                                          "(timm Beit-style ViT: shared relative position bias, layer scale, "
-                                          "no absolute position embedding).")
+    encoder: Literal["swin", "swinv2", "vit"] = _f(
+        "swin", "Encoder family: 'swin' (timm SwinTransformer), 'swinv2' (timm SwinTransformerV2: res-post-norm, "
+                "scaled cosine attention, log-spaced continuous position bias) or 'vit' (timm Beit-style ViT: "
+                "shared relative position bias, layer scale, no absolute position embedding).")
     img_size: int = _f(192, "Input image size in pixels (square).")
     patch_size: int = _f(4, "Model patch size in pixels (4 for Swin, 16 for ViT-B/16). Also the encoder's "
                             "token stride at the first stage.")
@@ -94,7 +95,7 @@ class ModelConfig:
         if self.encoder == "vit" and len(self.depths) != 1:
             _err("model.depths", self.depths, "must have exactly one entry (the number of blocks) for encoder 'vit'")
         for i, h in enumerate(self.num_heads):
-            width = self.embed_dim * (2 ** i if self.encoder == "swin" else 1)
+            width = self.embed_dim * (2 ** i if self.is_swin else 1)
             if width % h:
                 _err("model.num_heads", self.num_heads, f"stage {i} width {width} is not divisible by {h} heads")
         if not self.mlp_ratio > 0:
@@ -105,11 +106,25 @@ class ModelConfig:
             _err("model.layer_scale_init", self.layer_scale_init, "must be >= 0")
         if self.norm_targets_window % 2 == 0:
             _err("model.norm_targets_window", self.norm_targets_window, "must be odd")
+        if self.encoder == "swinv2" and self.img_size % self.patch_size == 0:
+            # The official SwinV2 cannot run a map that is neither a multiple of the window nor smaller
+            # than it (timm would pad it): refuse rather than compute something the official code does not.
+            side = self.img_size // self.patch_size
+            for i in range(len(self.depths)):
+                s = side // 2 ** i
+                if s > self.window_size and s % self.window_size:
+                    _err("model.window_size", self.window_size, f"stage {i} map is {s} x {s} tokens: the window "
+                         f"must divide it or be at least as large (SwinV2)")
+
+    @property
+    def is_swin(self) -> bool:
+        """A hierarchical Swin-family encoder (swin or swinv2)."""
+        return self.encoder in ("swin", "swinv2")
 
     @property
     def encoder_stride(self) -> int:
         """Pixels per output token of the encoder (32 for Swin with 4 stages, 16 for ViT-B/16)."""
-        if self.encoder == "swin":
+        if self.is_swin:
             return self.patch_size * 2 ** (len(self.depths) - 1)
         return self.patch_size
 
@@ -219,7 +234,8 @@ class TrainConfig:
     decay_epochs: List[int] = _f([], "Multistep: epochs at which the lr is multiplied by decay_rate.")
     decay_rate: float = _f(0.1, "Multistep: the factor applied at each of decay_epochs.")
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to 1-D parameters, biases, position "
-                                   "embeddings, the mask token and relative position bias tables).")
+                                   "embeddings, the mask token, relative position bias tables and SwinV2's "
+                                   "continuous position bias MLPs and logit scales).")
     betas: Tuple[float, float] = _f((0.9, 0.999), "AdamW betas.")
     eps: float = _f(1e-8, "AdamW eps.")
     clip_grad: Optional[float] = _f(5.0, "Gradient clipping max norm; null disables.")
@@ -293,9 +309,10 @@ class EngineConfig:
                                                        "'auto' = on with CUDA except at ZeRO-3 (graph breaks at "
                                                        "every module, see docs/ENGINE.md), off on the CPU; "
                                                        "true/false force it.")
-    optimizer: Literal["auto", "torch_fused", "torch_foreach", "deepspeed_fused"] = _f(
-        "auto", "AdamW implementation: 'auto' (torch fused on CUDA, torch foreach on the CPU), 'torch_fused', "
-                "'torch_foreach' or 'deepspeed_fused' (DeepSpeed FusedAdam; JIT-builds a CUDA op).")
+    optimizer: Literal["auto", "torch_fused", "torch_foreach", "deepspeed_fused", "deepspeed_cpu"] = _f(
+        "auto", "AdamW implementation: 'auto' (torch fused on CUDA, torch foreach on the CPU, DeepSpeed CPU Adam with "
+                "engine.offload), 'torch_fused', 'torch_foreach', 'deepspeed_fused' (DeepSpeed FusedAdam; JIT-builds "
+                "a CUDA op) or 'deepspeed_cpu' (DeepSpeed CPU Adam, only with engine.offload; JIT-builds a C++ op).")
     overlap_comm: Union[bool, Literal["auto"]] = _f(
         "auto", "DeepSpeed zero_optimization.overlap_comm: 'auto' = on with more than one rank at ZeRO >= 2, off "
                 "with one rank (DeepSpeed synchronises the device at every bucket when it is on).")
@@ -309,6 +326,20 @@ class EngineConfig:
     cpu_threads: int = _f(0, "CPU runs: intra-op threads per rank. 0 = OMP_NUM_THREADS if set, else cores / (2 x "
                              "ranks on the machine), at least 1 (more threads than free cores makes every op "
                              "wait on the others).")
+    activation_checkpointing: Union[bool, int] = _f(
+        False, "Activation checkpointing of the encoder blocks (torch.utils.checkpoint, non-reentrant): false = off, "
+               "true = every block, N = every N-th block (blocks 0, N, 2N, ... over all stages). A checkpointed block "
+               "keeps only its input and runs its forward again in the backward pass (one more forward of it; "
+               "drop path drops the same samples both times).")
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = _f(
+        "none", "DeepSpeed ZeRO-Offload: 'optimizer' keeps the fp32 master weights and Adam states on engine."
+                "offload_device and steps them there with DeepSpeed's CPU Adam (ZeRO >= 1; nvme needs ZeRO-3); "
+                "'optimizer_and_params' also keeps the parameters there between uses (ZeRO-3 only). Needs engine.mode "
+                "'deepspeed'.")
+    offload_device: Literal["cpu", "nvme"] = _f("cpu", "Where engine.offload puts its tensors: 'cpu' (pinned host "
+                                                       "memory on CUDA) or 'nvme' (files under engine.nvme_path, "
+                                                       "through DeepSpeed's async_io op; ZeRO-3).")
+    nvme_path: Optional[str] = _f(None, "Folder on a fast local NVMe drive for engine.offload_device 'nvme'.")
 
     def validate(self) -> None:
         if self.cpu_threads < 0:
@@ -325,6 +356,28 @@ class EngineConfig:
         if self.mode == "torch" and self.optimizer == "deepspeed_fused":
             _err("engine.optimizer", self.optimizer, "needs engine.mode 'deepspeed'")
         _positive(self, "reduce_bucket_size", "allgather_bucket_size")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and ac < 1:
+            _err("engine.activation_checkpointing", ac, "must be false, true or a block period N >= 1")
+        if self.offload != "none":
+            if self.mode != "deepspeed":
+                _err("engine.offload", self.offload, "needs engine.mode 'deepspeed' (ZeRO-Offload is DeepSpeed's)")
+            if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+                _err("engine.offload", self.offload, f"needs engine.zero_stage 3 (is {self.zero_stage}): only ZeRO-3 "
+                     f"partitions the parameters; use 'optimizer' at ZeRO 1-2")
+            if self.zero_stage == 0:
+                _err("engine.offload", self.offload, "needs engine.zero_stage >= 1 (ZeRO-0 has no partitioned "
+                                                     "optimizer to offload)")
+            if self.offload_device == "nvme" and self.zero_stage != 3:
+                _err("engine.offload_device", self.offload_device, f"'nvme' needs engine.zero_stage 3 (is "
+                                                                   f"{self.zero_stage}); use 'cpu'")
+            if self.offload_device == "nvme" and not self.nvme_path:
+                _err("engine.nvme_path", self.nvme_path, "must name a folder with engine.offload_device 'nvme'")
+            if self.optimizer not in ("auto", "deepspeed_cpu"):
+                _err("engine.optimizer", self.optimizer, f"must be 'auto' or 'deepspeed_cpu' with engine.offload "
+                     f"{self.offload!r} (the offloaded optimizer steps on the CPU with DeepSpeed's CPU Adam)")
+        elif self.optimizer == "deepspeed_cpu":
+            _err("engine.optimizer", self.optimizer, "needs engine.offload 'optimizer' or 'optimizer_and_params'")
         reserved = sorted({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                            "optimizer", "scheduler"} & set(self.deepspeed))
         if reserved:
@@ -476,7 +529,7 @@ class Config:
         if self.mask.mask_patch_size % m.patch_size:
             _err("mask.mask_patch_size", self.mask.mask_patch_size,
                  f"must be divisible by model.patch_size ({m.patch_size})")
-        if m.encoder == "swin" and m.img_size % m.encoder_stride:
+        if m.is_swin and m.img_size % m.encoder_stride:
             _err("model.img_size", m.img_size,
                  f"must be divisible by the Swin encoder stride {m.encoder_stride} "
                  f"(patch_size x 2^(stages - 1))")

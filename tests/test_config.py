@@ -38,7 +38,7 @@ def test_paper_hyperparameters():
     ({"model": {"img_size": 192.0}}, "model.img_size", "must be int"),
     ({"model": {"norm_targets": 1}}, "model.norm_targets", "must be bool"),
     ({"train": {"base_lr": "high"}}, "train.base_lr", "must be number"),
-    ({"model": {"encoder": "resnet"}}, "model.encoder", 'must be "swin" or "vit"'),
+    ({"model": {"encoder": "resnet"}}, "model.encoder", 'must be "swin" or "swinv2" or "vit"'),
     ({"model": {"depths": [2, "2"]}}, "model.depths[1]", "must be int"),
     ({"model": {"img_size": 200}}, "model.img_size", "divisible by mask.mask_patch_size"),
     ({"mask": {"mask_patch_size": 30}, "model": {"img_size": 180}}, "mask.mask_patch_size",

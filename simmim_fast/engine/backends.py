@@ -68,7 +68,10 @@ class DeepSpeedBackend:
         self.ds_config = deepspeed_config(cfg, dist.world_size, precision)
         self.accumulation = self.ds_config["gradient_accumulation_steps"]
         self.autocast_dtype = _dtype(precision) if uses_autocast(precision) else None
-        optimizer = build_adamw(groups, cfg.train, dist.device, cfg.engine.optimizer)
+        # An offloaded optimizer steps on the CPU: DeepSpeed's CPU Adam (DeepSpeed refuses other client
+        # optimizers there, zero_force_ds_cpu_optimizer).
+        impl = "deepspeed_cpu" if cfg.engine.offload != "none" else cfg.engine.optimizer
+        optimizer = build_adamw(groups, cfg.train, dist.device, impl)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model.to(dist.device), optimizer=optimizer, config=self.ds_config, dist_init_required=False)
         # ZeRO-0, fp32 weights: we clip (see engine_clips_gradients); the user may still force DeepSpeed's.
@@ -124,6 +127,7 @@ class DeepSpeedBackend:
 
     def engine_facts(self) -> Dict[str, Any]:
         return {"mode": "deepspeed", "zero_stage": self.ds_config["zero_optimization"]["stage"],
+                "offload": self.cfg.engine.offload,
                 "precision": self.precision, "bf16_weights": bool(self.ds_config["bf16"]["enabled"]),
                 "world_size": self.dist.world_size, "accumulation_steps": self.accumulation}
 

@@ -8,11 +8,14 @@ The optimiser and the lr schedule are ours (a client optimiser; lr set per step)
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+import torch
 
 from ..config import Config
 
-__all__ = ["resolve_precision", "uses_autocast", "deepspeed_config", "engine_clips_gradients", "merge_dicts"]
+__all__ = ["resolve_precision", "uses_autocast", "deepspeed_config", "offload_config", "engine_clips_gradients",
+           "merge_dicts"]
 
 
 def resolve_precision(cfg: Config, device_type: str) -> str:
@@ -47,6 +50,25 @@ def engine_clips_gradients(cfg: Config, precision: str) -> bool:
     return cfg.engine.zero_stage == 0 and not half_weights and bool(cfg.train.clip_grad)
 
 
+def offload_config(cfg: Config, pin_memory: Optional[bool] = None) -> Dict[str, Any]:
+    """zero_optimization.offload_optimizer / offload_param for engine.offload (ZeRO-Offload / ZeRO-Infinity).
+
+    The optimizer offload keeps the fp32 master weights, gradients' fp32 copies and Adam states on the CPU
+    (or NVMe) and steps them there with DeepSpeed's CPU Adam; the parameter offload (ZeRO-3) also keeps the
+    parameters there between uses. Pinned host memory (faster copies) only where there is CUDA to pin for.
+    """
+    e = cfg.engine
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    target: Dict[str, Any] = {"device": e.offload_device, "pin_memory": bool(pin_memory)}
+    if e.offload_device == "nvme":
+        target["nvme_path"] = e.nvme_path
+    out = {"offload_optimizer": dict(target)}
+    if e.offload == "optimizer_and_params":
+        out["offload_param"] = dict(target)
+    return out
+
+
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> Dict[str, Any]:
     t, e = cfg.train, cfg.engine
     stage = e.zero_stage
@@ -64,6 +86,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> Dict[str, 
                      "stage3_param_persistence_threshold": 100_000,
                      # The model is saved consolidated by load_model_state from the ZeRO shards instead.
                      "stage3_gather_16bit_weights_on_model_save": False})
+    if e.offload != "none":
+        zero.update(offload_config(cfg))
     ds: Dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

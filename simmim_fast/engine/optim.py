@@ -46,7 +46,7 @@ def layer_id(name: str, model_cfg: ModelConfig) -> int:
     last = num_layers(model_cfg) + 1
     if n in _EMBED_NAMES or n.startswith("patch_embed."):
         return 0
-    if model_cfg.encoder == "swin":
+    if model_cfg.encoder in ("swin", "swinv2"):  # the same stage / block names in timm
         m = _SWIN_BLOCK.match(n)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
@@ -111,6 +111,20 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Optional
     return list(groups.values())
 
 
+def _cpu_adam_bias_correction_from_the_step(optimizer, args, kwargs) -> None:
+    """Make DeepSpeed's CPU Adam compute beta^step the same way in a resumed run as in an uninterrupted one.
+
+    Its C++ state keeps beta1^t, beta2^t in fp32 and, when the step grows by one, multiplies them by beta
+    once more; at any other step (the first after a resume) it takes pow(beta, step), which differs in the
+    last bits from the product, so a resumed run's updates would drift from the uninterrupted run's. One
+    update of a 1-element dummy at step 0 (lr 0, no bias correction) before every optimiser step resets
+    that state, so every step takes pow(beta, step): a function of the step alone, resume or not.
+    """
+    dummy = [torch.zeros(1) for _ in range(4)]
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    optimizer.ds_opt_adam.adam_update(optimizer.opt_id, 0, 0.0, beta1, beta2, 1e-8, 0.0, False, *dummy)
+
+
 def build_adamw(groups: List[Dict], train: TrainConfig, device: torch.device, impl: str = "auto"):
     """AdamW with the official SimMIM betas/eps; the lr is set per step by the schedule (times each group's lr_scale).
 
@@ -129,4 +143,12 @@ def build_adamw(groups: List[Dict], train: TrainConfig, device: torch.device, im
     if impl == "deepspeed_fused":
         from deepspeed.ops.adam import FusedAdam
         return FusedAdam(groups, adam_w_mode=True, **kw)
-    raise UserError(f"engine.optimizer {impl!r} is not one of auto, torch_fused, torch_foreach, deepspeed_fused")
+    if impl == "deepspeed_cpu":
+        # ZeRO-Offload steps the offloaded fp32 master weights on the CPU; DeepSpeed JIT-builds this op
+        # (C++, SIMD) with ninja into TORCH_EXTENSIONS_DIR on first use (docs/ENGINE.md).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        opt = DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        opt.register_step_pre_hook(_cpu_adam_bias_correction_from_the_step)
+        return opt
+    raise UserError(f"engine.optimizer {impl!r} is not one of auto, torch_fused, torch_foreach, deepspeed_fused, "
+                    f"deepspeed_cpu")

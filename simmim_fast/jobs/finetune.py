@@ -34,7 +34,7 @@ from ..weights import build_timm_model, load_source
 from ..errors import UserError
 
 __all__ = ["FinetuneModel", "adopt_normalisation", "build_classifier", "FinetuneLoader", "build_mixup", "evaluate_top1", "BestKeeper",
-           "finetune_datasets", "add_arguments", "main", "run"]
+           "finetune_datasets", "apply_activation_checkpointing", "add_arguments", "main", "run"]
 
 
 class FinetuneModel(nn.Module):
@@ -100,6 +100,18 @@ def adopt_normalisation(cfg: Config, pre_cfg: Config) -> None:
               flush=True)
     cfg.model.in_chans = pre_cfg.model.in_chans
     d.mean, d.std, d.value_range = list(p.mean), list(p.std), p.value_range
+
+
+def apply_activation_checkpointing(net: nn.Module, cfg: Config) -> None:
+    """engine.activation_checkpointing for a plain timm classifier: timm's own switch (non-reentrant torch
+    checkpoint of every block), so only true / 1 or false."""
+    ac = cfg.engine.activation_checkpointing
+    if ac is False:
+        return
+    if ac is not True and ac != 1:
+        raise UserError(f"config key 'engine.activation_checkpointing' = {ac}: fine-tuning checkpoints every "
+                        f"block (true) or none (false), through timm's set_grad_checkpointing")
+    net.set_grad_checkpointing(True)
 
 
 def build_mixup(cfg: Config, num_classes: int):
@@ -271,6 +283,7 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
     def build_model(ctx):
         net, (name, kwargs) = build_classifier(cfg, num_classes, pretrained)
         target.update(name=name, kwargs=kwargs)
+        apply_activation_checkpointing(net, cfg)
         model = FinetuneModel(net, cfg.finetune.label_smoothing, soft_targets=mixup is not None)
         return model, param_groups(model, cfg.train.weight_decay, layer_decay=cfg.train.layer_decay,
                                    model_cfg=cfg.model)

@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     cfg, out, resume_path, precision, paths = preflight(args)
 
     def build_model(ctx):
-        model = SimMIM.from_config(cfg)
+        model = SimMIM.from_config(cfg).set_activation_checkpointing(cfg.engine.activation_checkpointing)
         return model, simmim_param_groups(model, cfg)
 
     def build_loader(ctx):

@@ -16,7 +16,9 @@ from timm.layers import trunc_normal_
 from simmim_fast.kernels import masked_l1_loss, mask_token_substitute
 
 from ..config import Config, ModelConfig
+from .checkpointing import checkpoint_every
 from .swin import create_swin, swin_forward_masked
+from .swinv2 import create_swinv2, swinv2_forward_masked
 from .vit import create_vit, init_vit_official, official_trunc_normal_, vit_forward_masked
 
 __all__ = ["SimMIM", "normalize_targets", "denormalize_targets", "local_stats", "POSITION_BIAS_KEYWORDS"]
@@ -63,10 +65,14 @@ class SimMIM(nn.Module):
         if cfg.encoder == "swin":
             self.encoder = create_swin(cfg)
             self._forward_masked = swin_forward_masked
+        elif cfg.encoder == "swinv2":
+            self.encoder = create_swinv2(cfg)
+            self._forward_masked = swinv2_forward_masked
         else:
             self.encoder = create_vit(cfg)
             init_vit_official(self.encoder, cfg.layer_scale_init)
             self._forward_masked = vit_forward_masked
+        self.checkpoint_every = 0  # activation checkpointing: see set_activation_checkpointing
         self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
         if cfg.mask_token_init == "trunc_normal":
             if cfg.encoder == "vit":  # VisionTransformerForSimMIM: cut at +-1 std
@@ -84,6 +90,23 @@ class SimMIM(nn.Module):
     def from_config(cls, cfg: Union[Config, ModelConfig]) -> "SimMIM":
         return cls(cfg.model if isinstance(cfg, Config) else cfg)
 
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks of the encoder (all stages)."""
+        return sum(self.cfg.depths)
+
+    def set_activation_checkpointing(self, every: Union[bool, int]) -> "SimMIM":
+        """Activation checkpointing of the encoder blocks (``engine.activation_checkpointing``):
+        False / 0 = off, True / 1 = every block, N = every N-th block (blocks 0, N, 2N, ... over all
+        stages). Changes no parameter or buffer; takes effect at the next forward."""
+        self.checkpoint_every = checkpoint_every(every)
+        return self
+
+    def checkpointed_blocks(self) -> int:
+        """How many encoder blocks the current setting checkpoints."""
+        e = self.checkpoint_every
+        return 0 if not e else len(range(0, self.num_blocks, e))
+
     def _substitute(self, x: torch.Tensor, mask: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         return mask_token_substitute(x, mask, token, backend=self.cfg.ops_backend)
 
@@ -99,7 +122,8 @@ class SimMIM(nn.Module):
         """Head output (B, 3, H, W): the predicted target (the normalised image, or with
         model.norm_targets the locally normalised image)."""
         self._check_inputs(images, mask)
-        z = self._forward_masked(self.encoder, images, mask, self.mask_token, self._substitute)
+        z = self._forward_masked(self.encoder, images, mask, self.mask_token, self._substitute,
+                                 checkpoint_every=self.checkpoint_every)
         return self.head(z)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

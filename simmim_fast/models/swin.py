@@ -15,6 +15,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from simmim_fast.kernels import window_attention
 
 from ..config import ModelConfig
+from .checkpointing import forward_swin_stages
 
 __all__ = ["create_swin", "swin_forward_masked", "FusedSwinTransformerBlock", "use_fused_attention"]
 
@@ -70,10 +71,10 @@ def create_swin(cfg: ModelConfig) -> SwinTransformer:
 
 
 def swin_forward_masked(encoder: SwinTransformer, images: torch.Tensor, mask: torch.Tensor,
-                        mask_token: torch.Tensor, substitute: Callable) -> torch.Tensor:
+                        mask_token: torch.Tensor, substitute: Callable, checkpoint_every: int = 0) -> torch.Tensor:
     """(B, 3, H, W) images, (B, H/p, W/p) token mask -> (B, C_out, H/32, W/32) features."""
     x = encoder.patch_embed(images)            # (B, H/p, W/p, C), LayerNorm applied
     x = substitute(x, mask, mask_token)
-    x = encoder.layers(x)
+    x = forward_swin_stages(encoder.layers, x, checkpoint_every)  # = encoder.layers(x), block by block
     x = encoder.norm(x)                        # (B, h, w, C_out)
     return x.permute(0, 3, 1, 2)

@@ -25,6 +25,7 @@ from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 
 from ..config import ModelConfig
+from .checkpointing import run_block
 
 __all__ = ["create_vit", "vit_forward_masked", "official_trunc_normal_", "init_vit_official"]
 
@@ -75,26 +76,28 @@ def init_vit_official(encoder: Beit, layer_scale_init: float = 0.0) -> None:
         blk.mlp.fc2.weight.div_(scale)
 
 
-def vit_forward_tokens(encoder: Beit, x: torch.Tensor, num_blocks: Optional[int] = None) -> torch.Tensor:
+def vit_forward_tokens(encoder: Beit, x: torch.Tensor, num_blocks: Optional[int] = None,
+                       checkpoint_every: int = 0) -> torch.Tensor:
     """(B, L, C) patch tokens -> (B, 1 + L, C) after the cls token, the first ``num_blocks`` blocks
-    (all by default) with the shared relative position bias, and the final norm after the last block."""
+    (all by default) with the shared relative position bias, and the final norm after the last block.
+    ``checkpoint_every``: activation checkpointing of every N-th block (models/checkpointing.py)."""
     x = torch.cat((encoder.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
     if encoder.pos_embed is not None:
         x = x + encoder.pos_embed
     x = encoder.pos_drop(x)
     rel_pos_bias = encoder.rel_pos_bias() if encoder.rel_pos_bias is not None else None
     depth = len(encoder.blocks)
-    for blk in encoder.blocks[:num_blocks or depth]:
-        x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+    for i, blk in enumerate(encoder.blocks[:num_blocks or depth]):
+        x = run_block(blk, i, checkpoint_every, x, shared_rel_pos_bias=rel_pos_bias)
     return encoder.norm(x) if (num_blocks or depth) == depth else x
 
 
 def vit_forward_masked(encoder: Beit, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
-                       substitute: Callable) -> torch.Tensor:
+                       substitute: Callable, checkpoint_every: int = 0) -> torch.Tensor:
     """(B, 3, H, W) images, (B, H/p, W/p) token mask -> (B, C, H/p, W/p) features."""
     b = images.shape[0]
     h, w = encoder.patch_embed.grid_size
     x = encoder.patch_embed(images)                              # (B, L, C)
     x = substitute(x, mask.reshape(b, -1), mask_token)
-    x = vit_forward_tokens(encoder, x)[:, 1:]
+    x = vit_forward_tokens(encoder, x, checkpoint_every=checkpoint_every)[:, 1:]
     return x.transpose(1, 2).reshape(b, -1, h, w)

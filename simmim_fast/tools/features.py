@@ -1,6 +1,6 @@
 """Frozen-encoder features for kNN and linear probing.
 
-- Swin: the last stage's output after the final LayerNorm, averaged over positions.
+- Swin / SwinV2: the last stage's output after the final LayerNorm, averaged over positions.
 - ViT (timm Beit): patch tokens (cls dropped) averaged, after the final norm for the last block,
   and without a norm for an intermediate block (``block=k`` = output of the k-th block,
   1-based): masked-image-modeling features are often more linearly separable in the middle of
@@ -32,7 +32,8 @@ def pooled_features(encoder: torch.nn.Module, images: torch.Tensor, block: Optio
     """(B, in_chans, S, S) normalised images -> (B, C) average-pooled features (see the module doc)."""
     from timm.models.beit import Beit
     from timm.models.swin_transformer import SwinTransformer
-    if isinstance(encoder, SwinTransformer):
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    if isinstance(encoder, (SwinTransformer, SwinTransformerV2)):
         if block is not None:
             raise UserError("pooled_features: block is for ViT encoders; Swin features are the last stage's")
         return encoder.forward_features(images).mean(dim=(1, 2))
