@@ -78,10 +78,10 @@ class ModelConfig:
                                                                "model.attention 'fused'): 'auto' (fused Triton kernels on "
                                                                "CUDA, reference elsewhere), 'triton' or 'torch'.")
     attention: Literal["timm", "fused"] = _f("timm", "Swin block attention: 'timm' (timm's roll, window partition, "
-                                                  "attention, reverse, roll back) or 'fused' (the fused "
+                                                  "attention, reverse, roll back) or 'fused' (encoder 'swin' only: the fused "
                                                   "window-attention op between the same qkv and proj Linears; "
                                                   "its backend is model.ops_backend). Same parameters and "
-                                                  "state dict either way. Ignored for ViT.")
+                                                  "state dict either way.")
 
     def validate(self) -> None:
         _positive(self, "img_size", "patch_size", "in_chans", "embed_dim", "window_size", "norm_targets_window")
@@ -106,6 +106,10 @@ class ModelConfig:
             _err("model.layer_scale_init", self.layer_scale_init, "must be >= 0")
         if self.norm_targets_window % 2 == 0:
             _err("model.norm_targets_window", self.norm_targets_window, "must be odd")
+        if self.attention == "fused" and self.encoder != "swin":
+            # The op computes dot-product attention with an additive bias; SwinV2's scaled cosine attention
+            # with its continuous position bias is not (yet) one of its modes.
+            _err("model.attention", self.attention, f"is for encoder 'swin' only, not '{self.encoder}'")
         if self.encoder == "swinv2" and self.img_size % self.patch_size == 0:
             # The official SwinV2 cannot run a map that is neither a multiple of the window nor smaller
             # than it (timm would pad it): refuse rather than compute something the official code does not.
