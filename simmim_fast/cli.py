@@ -31,6 +31,8 @@ COMMANDS = {
     "visualize": ("simmim_fast.tools.visualize", "reconstruction PNGs for a checkpoint; inpaint a user mask"),
     "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
     "stats": ("simmim_fast.data.stats", "per-channel mean/std of a dataset, as --set data.mean/data.std lines"),
+    "plan": ("simmim_fast.tools.plan", "memory planner: ZeRO stage x offload x checkpointing, micro batch and "
+                                       "accumulation that fit N GPUs of M GB"),
 }
 
 
