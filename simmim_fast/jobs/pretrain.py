@@ -19,6 +19,7 @@ from ..data import PretrainLoader, list_images
 from ..engine import run as engine_run
 from ..errors import UserError
 from ..models import SimMIM
+from ..tools.plan import preflight_memory
 from ..visualization import reconstruction_grid, save_png_atomically
 from ..weights import simmim_param_groups
 
@@ -40,6 +41,9 @@ def preflight(args: argparse.Namespace):
         overrides.append(f"data.path={json.dumps(args.data_path)}")
     cfg = load_config(args.config, overrides=overrides)
     out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
+    # On CUDA: refuse a config that cannot fit on these GPUs before anything is allocated (the memory
+    # planner's estimate, measured on the meta device); nothing on the CPU.
+    preflight_memory(cfg, args.config)
     paths = None
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,166 @@
+"""The memory planner (``simmim-fast plan``): its estimate against the peak measured on the CPU, the
+JSON schema, every shipped config, batch arithmetic, train.py's fit decision and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simmim_fast.cli import main as cli_main
+from simmim_fast.config import load_config
+from simmim_fast.errors import UserError
+from simmim_fast.tools import plan as P
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/swin_tiny_cpu.json")
+FP32_TORCH = ['engine.precision="fp32"', 'engine.optimizer="torch_foreach"', 'engine.mode="torch"',
+              "engine.zero_stage=0"]
+VIT_SMALL = ["model.embed_dim=192", "model.depths=[4]", "model.num_heads=[3]"]
+
+# (config, micro batch, checkpointing, overrides): activation-dominated Swin, Swin with every block
+# checkpointed, a Swin at a large batch of small images, a 4-block ViT.
+PEAK_CASES = [
+    ("configs/swin_tiny_cpu.json", 32, False, []),
+    ("configs/swin_tiny_cpu.json", 64, True, []),
+    ("configs/fmnist_swin_cpu.json", 256, False, []),
+    ("configs/vit_b.json", 8, False, VIT_SMALL),
+]
+
+
+def _case_config(config, batch, overrides):
+    return load_config(ROOT / config, overrides=overrides + FP32_TORCH + [f"train.micro_batch_size={batch}",
+                                                                          f"train.global_batch_size={batch}"])
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_estimate_within_15_percent_of_the_peak_measured_on_the_cpu():
+    cases = [[c, b, ck, ov + FP32_TORCH + [f"train.micro_batch_size={b}", f"train.global_batch_size={b}"]]
+             for c, b, ck, ov in PEAK_CASES]
+    # glibc gives freed tensor memory back to the OS at once, so the resident high-water mark is the peak
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(ROOT / "tests/plan_peak_worker.py"), json.dumps(cases)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    report = []
+    for (config, batch, ckpt, overrides), m in zip(PEAK_CASES, measured):
+        cfg = _case_config(config, batch, overrides)
+        facts = P.model_facts(cfg)
+        assert facts.params == m["params"]
+        fit = P.activation_fit(cfg, ckpt, "fp32", False)
+        # The CPU has no CUDA context and no caching allocator: compare the allocated bytes alone.
+        est, _, _, _ = P.estimate(cfg, facts, fit, gpus=1, gpus_per_host=1, zero_stage=0, offload="none",
+                                  micro_batch=batch, allowances=P.Allowances(0.0, 0.0, 0.0))
+        report.append((config, batch, ckpt, est / 2 ** 20, m["peak_bytes"] / 2 ** 20))
+    for config, batch, ckpt, est, meas in report:
+        assert 0.85 <= est / meas <= 1.15, report
+
+
+def test_json_schema(capsys):
+    code = cli_main(["plan", "--config", TINY, "--gpus", "2", "--gpu-memory-gb", "80", "--cpu-memory-gb", "64",
+                     "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert isinstance(out["model_params"], int) and out["model_params"] > 0
+    choices = out["choices"]
+    assert len(choices) == 16  # stage 0: none; 1, 2: none, optimizer; 3: three offloads; x checkpointing off/on
+    assert {(c["zero_stage"], c["offload"]) for c in choices} == {
+        (0, "none"), (1, "none"), (1, "optimizer"), (2, "none"), (2, "optimizer"),
+        (3, "none"), (3, "optimizer"), (3, "optimizer_and_params")}
+    for c in choices:
+        assert isinstance(c["zero_stage"], int) and c["offload"] in P.OFFLOADS
+        assert isinstance(c["activation_checkpointing"], bool) and isinstance(c["micro_batch"], int)
+        assert isinstance(c["per_gpu_gb"], float) and isinstance(c["per_host_gb"], float)
+        assert c["fits"] == (c["per_gpu_gb"] <= 80 and c["per_host_gb"] <= 64 and c["accumulation_steps"] is not None)
+    rec = out["recommended"]
+    assert rec["fits"] and rec["micro_batch"] * rec["accumulation_steps"] * 2 == 16
+    assert {k: v for k, v in rec.items() if k != "set"} in choices
+    # plenty of memory: the fastest choice by the stated rule, at the config's micro batch
+    assert (rec["zero_stage"], rec["offload"], rec["activation_checkpointing"], rec["micro_batch"]) == (0, "none", False, 8)
+    assert "engine.zero_stage=0" in rec["set"]
+
+
+def test_tight_memory_picks_the_fastest_fitting_choice():
+    cfg = load_config(TINY, overrides=["train.micro_batch_size=8"])
+    roomy = P.plan(cfg, 1, 1000.0)
+    by = {(c.zero_stage, c.offload, c.activation_checkpointing): c for c in roomy.choices}
+    # between the no-checkpointing ZeRO-0 peak and the checkpointed one: micro batch or checkpointing must give
+    limit = (by[(0, "none", False)].per_gpu_gb + by[(0, "none", True)].per_gpu_gb) / 2
+    tight = P.plan(cfg, 1, limit)
+    rec = tight.recommended
+    assert rec is not None and rec.per_gpu_gb <= limit
+    fitting = [c for c in tight.choices if c.fits]
+    key = lambda c: (P.speed_rank(c.zero_stage, c.offload, c.activation_checkpointing), -c.micro_batch)  # noqa: E731
+    assert rec is min(fitting, key=key)
+    for c in tight.choices:  # each choice at its largest fitting micro batch: twice it would not fit
+        if c.fits and c.micro_batch < 8:
+            bigger = P.plan(load_config(TINY, overrides=[f"train.micro_batch_size={c.micro_batch * 2}"]), 1, limit,
+                            choices=[(c.zero_stage, c.offload, c.activation_checkpointing)]).choices[0]
+            assert bigger.micro_batch == c.micro_batch or not bigger.fits
+    nothing = P.plan(cfg, 1, 0.5)  # below the 1 GB reserved allowance
+    assert nothing.recommended is None and "no choice fits" in nothing.problem
+
+
+def test_accumulation_steps_and_a_global_batch_that_does_not_divide():
+    cfg = load_config(TINY)  # global batch 16, micro batch 8
+    p4 = P.plan(cfg, 4, 80.0, choices=[(0, "none", False)])
+    assert (p4.recommended.micro_batch, p4.recommended.accumulation_steps) == (4, 1)
+    p3 = P.plan(cfg, 3, 80.0, choices=[(0, "none", False)])
+    assert p3.recommended is None and "not a multiple of 3 GPUs" in p3.problem
+    assert p3.choices[0].accumulation_steps is None and not p3.choices[0].fits
+
+
+def test_checkpointing_measures_less_activation_memory():
+    for overrides in ([], VIT_SMALL):
+        cfg = load_config(ROOT / ("configs/vit_b.json" if overrides else "configs/swin_tiny_cpu.json"),
+                          overrides=overrides)
+        plain = P.activation_fit(cfg, False, "bf16", False)
+        ckpt = P.activation_fit(cfg, True, "bf16", False)
+        fp32 = P.activation_fit(cfg, False, "fp32", False)
+        assert 0 < ckpt.act_per_image < 0.7 * plain.act_per_image
+        assert plain.act_per_image < fp32.act_per_image  # autocast's bf16 copies are half the size
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
+def test_every_shipped_config_plans(config):
+    cfg = load_config(ROOT / "configs" / config)
+    p = P.plan(cfg, 8, 80.0, choices=[(0, "none", False), (3, "optimizer_and_params", False)])
+    assert p.model_params > 0 and len(p.choices) == 2
+    assert all(c.per_gpu_gb > 0 and c.per_host_gb > 0 for c in p.choices)
+    assert p.choices[1].gpu_breakdown_gb["optimizer_states"] == 0.0
+
+
+def test_the_fit_decision_train_py_makes(monkeypatch):
+    cfg = load_config(TINY)  # deepspeed, ZeRO-1, micro batch 8
+    ok = P.check_fits(cfg, world_size=1, gpu_memory_gb=80.0)
+    assert ok.fits and ok.zero_stage == 1 and ok.micro_batch == 8
+    own = ok.per_gpu_gb
+    with pytest.raises(UserError) as e:
+        P.check_fits(cfg, world_size=1, gpu_memory_gb=own - 0.01)
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit on 1 GPU" in msg and "--set " in msg
+    with pytest.raises(UserError, match="cannot fit on 1 GPU"):
+        P.check_fits(cfg, world_size=1, gpu_memory_gb=0.5)
+    assert P.preflight_memory(cfg) is None or P.torch.cuda.is_available()  # nothing on the CPU
+
+
+def test_cli_bad_input_exits_2(capsys, tmp_path):
+    base = ["plan", "--config", TINY]
+    for argv, phrase in [(base + ["--gpus", "0", "--gpu-memory-gb", "80"], "--gpus"),
+                         (base + ["--gpus", "1", "--gpu-memory-gb", "-1"], "--gpu-memory-gb"),
+                         (base + ["--gpus", "1", "--gpu-memory-gb", "80", "--cpu-memory-gb", "0"], "--cpu-memory-gb"),
+                         (base + ["--gpus", "1", "--gpu-memory-gb", "80", "--set", "model.nope=1"], "model.nope"),
+                         (["plan", "--config", str(tmp_path / "none.json"), "--gpus", "1", "--gpu-memory-gb", "8"],
+                          "not found")]:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and phrase in err, err
+
+
+def test_human_table(capsys):
+    assert cli_main(["plan", "--config", TINY, "--gpus", "1", "--gpu-memory-gb", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "| ZeRO | offload | checkpointing |" in out and "recommended" in out and "--set engine.zero_stage=" in out
