@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from simmim_fast.cli import main as cli_main
 from simmim_fast.config import load_config
 from simmim_fast.errors import UserError
+from simmim_fast.models import SimMIM
 from simmim_fast.tools import plan as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +80,8 @@ def test_json_schema(capsys):
     assert rec["fits"] and rec["micro_batch"] * rec["accumulation_steps"] * 2 == 16
     assert {k: v for k, v in rec.items() if k != "set"} in choices
     # plenty of memory: the fastest choice by the stated rule, at the config's micro batch
-    assert (rec["zero_stage"], rec["offload"], rec["activation_checkpointing"], rec["micro_batch"]) == (0, "none", False, 8)
+    chosen = (rec["zero_stage"], rec["offload"], rec["activation_checkpointing"], rec["micro_batch"])
+    assert chosen == (0, "none", False, 8)
     assert "engine.zero_stage=0" in rec["set"]
 
 
@@ -143,7 +146,7 @@ def test_the_fit_decision_train_py_makes(monkeypatch):
     assert "\n" not in msg and "does not fit on 1 GPU" in msg and "--set " in msg
     with pytest.raises(UserError, match="cannot fit on 1 GPU"):
         P.check_fits(cfg, world_size=1, gpu_memory_gb=0.5)
-    assert P.preflight_memory(cfg) is None or P.torch.cuda.is_available()  # nothing on the CPU
+    assert P.preflight_memory(cfg) is None or torch.cuda.is_available()  # nothing on the CPU
 
 
 def test_cli_bad_input_exits_2(capsys, tmp_path):
@@ -166,9 +169,6 @@ def test_human_table(capsys):
 
 
 def test_meta_measurement_equals_the_same_counter_on_real_cpu_tensors():
-    import torch
-
-    from simmim_fast.models import SimMIM
     cfg = load_config(TINY, overrides=['engine.precision="fp32"'])
     meta = P.measure_activations(cfg, 4, False, "fp32", False)
     torch.manual_seed(0)

@@ -621,9 +621,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host memory per machine in GB; omitted: host memory is reported, not checked")
     parser.add_argument("--gpus-per-host", type=int, default=None, help="GPUs per machine (default min(--gpus, 8))")
     parser.add_argument("--fragmentation", type=float, default=FRAGMENTATION,
-                        help=f"allocator fragmentation allowance, a fraction of allocated bytes (default {FRAGMENTATION})")
+                        help="allocator fragmentation allowance, a fraction of the allocated bytes "
+                             f"(default {FRAGMENTATION})")
     parser.add_argument("--gpu-reserved-gb", type=float, default=GPU_RESERVED_GB,
-                        help=f"per-GPU memory outside the allocator: CUDA context, workspaces (default {GPU_RESERVED_GB})")
+                        help="per-GPU memory outside the allocator: CUDA context, workspaces "
+                             f"(default {GPU_RESERVED_GB})")
     parser.add_argument("--host-process-gb", type=float, default=HOST_PROCESS_GB,
                         help=f"host memory of one rank's process besides the model (default {HOST_PROCESS_GB})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
