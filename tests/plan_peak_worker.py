@@ -1,6 +1,8 @@
-"""Measure the real peak memory of SimMIM training steps on the CPU (run as a subprocess by test_plan.py).
+"""Measure the real peak memory of SimMIM training steps on the CPU (test_plan.py calls ``measure``
+in its own process after ``return_freed_memory_at_once``; as a script it runs in a fresh one).
 
-    python tests/plan_peak_worker.py '[[CONFIG, MICRO_BATCH, CHECKPOINTING, [OVERRIDES]], ...]'
+    MALLOC_MMAP_THRESHOLD_=4096 MALLOC_TRIM_THRESHOLD_=0 \
+        python tests/plan_peak_worker.py '[[CONFIG, MICRO_BATCH, CHECKPOINTING, [OVERRIDES]], ...]'
 
 Plain PyTorch, fp32, one process: torch's foreach AdamW with the config's param groups, gradient
 clipping, two optimiser steps (the first creates the Adam states and the libraries' lazy state).
@@ -9,10 +11,12 @@ tensor sizes) + how far the process's resident set rises during the second step:
 high-water mark of resident memory, /proc/self/status) after the step minus ``VmRSS`` before it,
 the mark reset (writing 5 to /proc/self/clear_refs) at the step's start. The rise is what the
 operating system saw: activations, gradients, optimiser temporaries and what the C allocator holds
-beyond them. The test runs it with ``MALLOC_MMAP_THRESHOLD_`` set, so that glibc returns freed
-tensor memory to the OS at once (otherwise the mark would also hold freed-but-kept heap). Prints
-one JSON line.
+beyond them. glibc must return freed tensor memory to the OS at once (``mallopt`` M_MMAP_THRESHOLD
+4096 and M_TRIM_THRESHOLD 0, or the MALLOC_* variables above), otherwise the mark would also hold
+freed-but-kept heap.
 """
+import contextlib
+import ctypes
 import gc
 import json
 import sys
@@ -33,6 +37,24 @@ def _status(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+
+
+@contextlib.contextmanager
+def return_freed_memory_at_once():
+    """glibc: serve every allocation of 4 KiB or more by mmap (freed = given back) and trim the heap
+    at once; the defaults (128 KiB, as glibc starts) afterwards."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 4096)
+    libc.mallopt(M_TRIM_THRESHOLD, 0)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+
+
 def measure(config: str, batch: int, ckpt: bool, overrides) -> dict:
     cfg = load_config(config, overrides=overrides)
     torch.manual_seed(0)
@@ -44,6 +66,7 @@ def measure(config: str, batch: int, ckpt: bool, overrides) -> dict:
     opt = build_adamw(simmim_param_groups(model, cfg), cfg.train, torch.device("cpu"), "torch_foreach")
     for step in range(2):
         if step == 1:
+            gc.collect()
             resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
             resident += sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
                             if isinstance(v, torch.Tensor))
