@@ -101,6 +101,14 @@ def test_tight_memory_picks_the_fastest_fitting_choice():
     assert nothing.recommended is None and "no choice fits" in nothing.problem
 
 
+def test_a_torch_mode_config_is_told_to_switch_to_deepspeed_for_zero3():
+    cfg = load_config(TINY, overrides=['engine.mode="torch"', "engine.zero_stage=0"])
+    p = P.plan(cfg, 2, 80.0, choices=[(3, "optimizer_and_params", False)])
+    assert p.to_json()["recommended"]["set"][0] == 'engine.mode="deepspeed"'
+    assert 'engine.mode="deepspeed"' not in P.plan(cfg, 2, 80.0, choices=[(0, "none", False)]).to_json()[
+        "recommended"]["set"]
+
+
 def test_accumulation_steps_and_a_global_batch_that_does_not_divide():
     cfg = load_config(TINY)  # global batch 16, micro batch 8
     p4 = P.plan(cfg, 4, 80.0, choices=[(0, "none", False)])

@@ -22,6 +22,7 @@ cannot fit.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -214,11 +215,21 @@ def _apply_checkpointing(model: SimMIM) -> None:
         raise UserError(f"activation checkpointing: the {model.cfg.encoder} encoder has no 'blocks' to checkpoint")
 
 
+_META_MODELS: Dict[str, SimMIM] = {}
+
+
 def _meta_model(cfg: Config) -> SimMIM:
+    """A fresh copy of ``cfg``'s SimMIM model on the meta device (built once per model section: a copy
+    costs a fraction of timm's construction)."""
     # Weights are not needed (shapes only); the fused ops' reference path runs on the meta device.
     model_cfg = dataclasses.replace(cfg.model, init_weights=None, ops_backend="torch")
-    with torch.device("meta"):
-        return SimMIM.from_config(model_cfg)
+    key = json.dumps(dataclasses.asdict(model_cfg), sort_keys=True)
+    if key not in _META_MODELS:
+        if len(_META_MODELS) >= 4:
+            _META_MODELS.clear()
+        with torch.device("meta"):
+            _META_MODELS[key] = SimMIM.from_config(model_cfg)
+    return copy.deepcopy(_META_MODELS[key])
 
 
 @dataclass(frozen=True)
@@ -338,9 +349,11 @@ class Choice:
     def record(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def settings(self) -> List[str]:
-        """The --set options that select this choice."""
+    def settings(self, mode: str = "deepspeed") -> List[str]:
+        """The --set options that select this choice (from a config in engine ``mode``)."""
         out = [f"engine.zero_stage={self.zero_stage}", f"train.micro_batch_size={self.micro_batch}"]
+        if mode == "torch" and (self.zero_stage > 1 or self.offload != "none"):
+            out.insert(0, 'engine.mode="deepspeed"')  # the plain PyTorch engine has no ZeRO-2/3, no offload
         if self.offload != "none":
             out.append(f'engine.offload="{self.offload}"')
         if self.activation_checkpointing:
@@ -463,11 +476,12 @@ class Plan:
     problem: Optional[str]
     allowances: Allowances
     activation_fits: Dict[str, ActivationFit]
+    engine_mode: str = "deepspeed"
 
     def to_json(self) -> Dict[str, Any]:
         rec = None
         if self.recommended is not None:
-            rec = {**self.recommended.record(), "set": self.recommended.settings()}
+            rec = {**self.recommended.record(), "set": self.recommended.settings(self.engine_mode)}
         return {"model_params": self.model_params, "precision": self.precision,
                 "half_precision_weights": self.half_weights, "gpus": self.gpus, "gpus_per_host": self.gpus_per_host,
                 "gpu_memory_gb": self.gpu_memory_gb, "cpu_memory_gb": self.cpu_memory_gb,
@@ -536,7 +550,8 @@ def plan(cfg: Config, gpus: int, gpu_memory_gb: float, cpu_memory_gb: Optional[f
                 gpus_per_host=per_host, gpu_memory_gb=gpu_memory_gb, cpu_memory_gb=cpu_memory_gb,
                 global_batch_size=global_batch, choices=out, recommended=recommended, problem=problem,
                 allowances=allowances,
-                activation_fits={("checkpointing" if k else "no_checkpointing"): v for k, v in fits_by_ckpt.items()})
+                activation_fits={("checkpointing" if k else "no_checkpointing"): v for k, v in fits_by_ckpt.items()},
+                engine_mode=cfg.engine.mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +601,7 @@ def check_fits(cfg: Config, world_size: int, gpu_memory_gb: float, gpus_per_host
         current.add(f'engine.offload="{offload}"')
     if ckpt:
         current.add("engine.activation_checkpointing=true")
-    changes = [s for s in rec.settings() if s not in current]
+    changes = [s for s in rec.settings(cfg.engine.mode) if s not in current]
     if not rec.activation_checkpointing and ckpt:
         changes.append("engine.activation_checkpointing=false")
     if rec.offload == "none" and offload != "none":
@@ -658,7 +673,7 @@ def format_table(p: Plan) -> str:
                      f"checkpointing {'every block' if r.activation_checkpointing else 'off'}, micro batch "
                      f"{r.micro_batch} x {r.accumulation_steps} accumulation steps x {p.gpus} GPU(s) = global batch "
                      f"{p.global_batch_size}")
-        lines.append("  " + " ".join(f"--set {s}" for s in r.settings()))
+        lines.append("  " + " ".join(f"--set {s}" for s in r.settings(p.engine_mode)))
     if p.problem:
         lines.append(f"problem: {p.problem}")
     return "\n".join(lines)
