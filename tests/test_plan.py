@@ -1,11 +1,14 @@
 """The memory planner (``simmim-fast plan``): its estimate against the peak measured on the CPU, the
 JSON schema, every shipped config, batch arithmetic, train.py's fit decision and bad input."""
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import pytest
+import timm.layers.config
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from simmim_fast.cli import main as cli_main
 from simmim_fast.config import load_config
@@ -188,3 +191,46 @@ def test_meta_measurement_equals_the_same_counter_on_real_cpu_tensors():
         h.remove()
     assert meta == (counter.peak_act, counter.peak_act_grads)
     assert counter.grad == sum(p.numel() * 4 for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides", [["model.norm_targets=true", "model.drop_path_rate=0.1"], "vit"])
+def test_autocast_emulation_saves_what_cuda_autocast_saves(overrides, monkeypatch):
+    """Forward only: fake CUDA tensors run CUDA autocast's real cast policy (switched on directly, as
+    torch.autocast refuses without a GPU); the autograd engine would need a device for the backward.
+    timm's fused attention is off in both (its kernel choice needs a real GPU)."""
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)
+    config, overrides = ("configs/vit_b.json", VIT_SMALL) if overrides == "vit" else (TINY, overrides)
+    cfg = load_config(ROOT / config, overrides=overrides)
+    m = dataclasses.replace(cfg.model, ops_backend="torch")
+
+    def build():  # not P._meta_model: its cache may hold a model built with fused attention
+        with torch.device("meta"):
+            return SimMIM.from_config(m).train()
+
+    tokens = m.img_size // m.patch_size
+
+    def saved_by(forward):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                      lambda t: t):
+            forward()
+        return sorted(saved, key=str)
+
+    def on(device):
+        return (torch.empty(2, m.in_chans, m.img_size, m.img_size, device=device),
+                torch.empty(2, tokens, tokens, dtype=torch.uint8, device=device))
+
+    emulated_net, cuda_net = build(), build()
+    with P._CudaAutocastOnMeta(torch.bfloat16):
+        emulated = saved_by(lambda: emulated_net(*on("meta")))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cuda_net = cuda_net.to_empty(device="cuda")
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        try:
+            real = saved_by(lambda: cuda_net(*on("cuda")))
+        finally:
+            torch.set_autocast_enabled("cuda", False)
+            torch.clear_autocast_cache()
+    assert emulated == real
+    assert {d for _, d in real} >= {torch.bfloat16, torch.float32}
