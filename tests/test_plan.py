@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm.layers.config
 import torch
+from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from simmim_fast.cli import main as cli_main
@@ -193,21 +194,36 @@ def test_meta_measurement_equals_the_same_counter_on_real_cpu_tensors():
     assert counter.grad == sum(p.numel() * 4 for p in model.parameters())
 
 
-@pytest.mark.parametrize("overrides", [["model.norm_targets=true", "model.drop_path_rate=0.1"], "vit"])
-def test_autocast_emulation_saves_what_cuda_autocast_saves(overrides, monkeypatch):
+@pytest.mark.parametrize("case", ["swin", "vit", "timm_swinv2"])
+def test_autocast_emulation_saves_what_cuda_autocast_saves(case, monkeypatch):
     """Forward only: fake CUDA tensors run CUDA autocast's real cast policy (switched on directly, as
     torch.autocast refuses without a GPU); the autograd engine would need a device for the backward.
-    timm's fused attention is off in both (its kernel choice needs a real GPU)."""
+    timm's fused attention is off in both (its kernel choice needs a real GPU). SwinV2 (scaled cosine
+    attention: F.normalize, logit scale, the cpb MLP) as timm's encoder alone."""
     monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)
-    config, overrides = ("configs/vit_b.json", VIT_SMALL) if overrides == "vit" else (TINY, overrides)
-    cfg = load_config(ROOT / config, overrides=overrides)
-    m = dataclasses.replace(cfg.model, ops_backend="torch")
+    if case == "timm_swinv2":
+        size = 96
 
-    def build():  # not P._meta_model: its cache may hold a model built with fused attention
-        with torch.device("meta"):
-            return SimMIM.from_config(m).train()
+        def build():
+            with torch.device("meta"):
+                return SwinTransformerV2(img_size=size, window_size=6, embed_dim=32, depths=(1, 1, 2, 1),
+                                         num_heads=(1, 2, 4, 8), num_classes=0, drop_path_rate=0.1).train()
 
-    tokens = m.img_size // m.patch_size
+        def inputs(device):
+            return (torch.empty(2, 3, size, size, device=device),)
+    else:
+        config, overrides = (("configs/vit_b.json", VIT_SMALL) if case == "vit" else
+                             (TINY, ["model.norm_targets=true", "model.drop_path_rate=0.1"]))
+        m = dataclasses.replace(load_config(ROOT / config, overrides=overrides).model, ops_backend="torch")
+        tokens = m.img_size // m.patch_size
+
+        def build():  # not P._meta_model: its cache may hold a model built with fused attention
+            with torch.device("meta"):
+                return SimMIM.from_config(m).train()
+
+        def inputs(device):
+            return (torch.empty(2, m.in_chans, m.img_size, m.img_size, device=device),
+                    torch.empty(2, tokens, tokens, dtype=torch.uint8, device=device))
 
     def saved_by(forward):
         saved = []
@@ -216,19 +232,15 @@ def test_autocast_emulation_saves_what_cuda_autocast_saves(overrides, monkeypatc
             forward()
         return sorted(saved, key=str)
 
-    def on(device):
-        return (torch.empty(2, m.in_chans, m.img_size, m.img_size, device=device),
-                torch.empty(2, tokens, tokens, dtype=torch.uint8, device=device))
-
     emulated_net, cuda_net = build(), build()
     with P._CudaAutocastOnMeta(torch.bfloat16):
-        emulated = saved_by(lambda: emulated_net(*on("meta")))
+        emulated = saved_by(lambda: emulated_net(*inputs("meta")))
     with FakeTensorMode(allow_non_fake_inputs=True):
         cuda_net = cuda_net.to_empty(device="cuda")
         torch.set_autocast_enabled("cuda", True)
         torch.set_autocast_dtype("cuda", torch.bfloat16)
         try:
-            real = saved_by(lambda: cuda_net(*on("cuda")))
+            real = saved_by(lambda: cuda_net(*inputs("cuda")))
         finally:
             torch.set_autocast_enabled("cuda", False)
             torch.clear_autocast_cache()

@@ -124,10 +124,12 @@ _LOWER_PRECISION = {"linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm"
                     "addmv", "einsum", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                     "conv_transpose3d", "prelu", "scaled_dot_product_attention"}
 # ... these in fp32 (lower-precision inputs are cast up) ...
-_FP32 = {"layer_norm", "group_norm", "softmax", "log_softmax", "norm", "cosine_similarity", "l1_loss", "mse_loss",
-         "smooth_l1_loss", "logsumexp", "cumsum", "exp", "log", "rsqrt", "reciprocal", "pow", "vector_norm"}
-# ... and these are composites whose inner norm runs in fp32, so their output is fp32.
-_FP32_OUTPUT = {"normalize"}
+_FP32 = {"layer_norm", "group_norm", "cosine_similarity", "l1_loss", "mse_loss", "smooth_l1_loss", "logsumexp",
+         "exp", "log", "rsqrt", "reciprocal", "pow"}
+# ... and these compute and return fp32 from the input as it is ("fp32_set_opt_dtype": dtype=fp32 is
+# passed, the input is not cast, so what they save keeps its dtype). F.normalize: see
+# _normalize_under_autocast.
+_FP32_OPT_DTYPE = {"softmax", "log_softmax", "cumsum", "norm", "vector_norm"}
 
 
 class _CudaAutocastOnMeta(TorchFunctionMode):
@@ -168,12 +170,29 @@ class _CudaAutocastOnMeta(TorchFunctionMode):
                 args, kwargs = tree_map(lambda x: self._cast(x, self.dtype), (args, kwargs))
             elif name in _FP32:
                 args, kwargs = tree_map(lambda x: self._cast(x, torch.float32), (args, kwargs))
+            elif (name in _FP32_OPT_DTYPE and kwargs.get("dtype") is None and args
+                  and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16)):
+                kwargs = {**kwargs, "dtype": torch.float32}
         if name == "scaled_dot_product_attention":
             return _fused_attention(func, args, kwargs)
-        out = func(*args, **kwargs)
-        if self.dtype is not None and name in _FP32_OUTPUT:
-            out = self._cast(out, torch.float32)
-        return out
+        if name == "normalize" and self.dtype is not None:
+            return _normalize_under_autocast(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _normalize_under_autocast(func, args, kwargs):
+    # F.normalize is a composite, input / input.norm(): under CUDA autocast the norm gets dtype fp32
+    # (the "fp32_set_opt_dtype" policy: computed and returned in fp32, the input saved as it came)
+    # and the division promotes to fp32. Spelled out here, since inside a TorchFunctionMode handler
+    # the composite's inner calls are not seen.
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.float32 or kwargs.get("out") is not None:
+        return func(*args, **kwargs)
+    names = ("p", "dim", "eps")
+    opts = {"p": 2.0, "dim": 1, "eps": 1e-12, **dict(zip(names, args[1:])), **kwargs}
+    norm = torch.linalg.vector_norm(x, opts["p"], opts["dim"], keepdim=True, dtype=torch.float32)
+    denom = norm.clamp_min(opts["eps"]).expand_as(x)
+    return x / denom
 
 
 def _fused_attention(func, args, kwargs):
