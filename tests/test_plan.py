@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm.layers.config
@@ -11,7 +12,8 @@ import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from simmim_fast.cli import main as cli_main
+import simmim_fast.engine.run as engine_run
+from simmim_fast.cli import main as cli_main, train_main
 from simmim_fast.config import load_config
 from simmim_fast.errors import UserError
 from simmim_fast.models import SimMIM
@@ -246,3 +248,21 @@ def test_autocast_emulation_saves_what_cuda_autocast_saves(case, monkeypatch):
             torch.clear_autocast_cache()
     assert emulated == real
     assert {d for _, d in real} >= {torch.bfloat16, torch.float32}
+
+
+def test_train_py_refuses_a_config_that_cannot_fit_before_the_engine_starts(monkeypatch, capsys, tmp_path):
+    """The preflight wiring, with CUDA faked: a 0.5 GB GPU (below the reserved allowance) is refused in
+    one line; an 80 GB one passes the check."""
+    gpu = SimpleNamespace(total_memory=2 ** 29)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    monkeypatch.setattr(engine_run, "run", lambda *a, **k: pytest.fail("the engine started"))
+    assert train_main(["--config", TINY, "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: this config cannot fit on 1 GPU(s)") and err.count("\n") == 1, err
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * 2 ** 30))
+    assert P.preflight_memory(load_config(TINY)).fits
