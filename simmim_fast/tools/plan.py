@@ -459,13 +459,17 @@ def estimate(cfg: Config, facts: ModelFacts, fit: ActivationFit, *, gpus: int, g
         grads_at_step = w * psi / n
     fp32_grad_partition = 4.0 * part if zero_stage >= 1 else 0.0   # what the ZeRO optimiser steps on
     step = grads_at_step + (0.0 if opt_on_host else fp32_grad_partition + _optimizer_transient_bytes(cfg, part))
-    resident = weights + gathered + float(facts.buffer_bytes) + (0.0 if opt_on_host else master + adam)
+    # bf16 weights at ZeRO-1: DeepSpeed's BF16_Optimizer accumulates every gradient in a full-size fp32
+    # buffer (ds_config.py sets data_types.grad_accum_dtype fp32 there).
+    grad_accumulation = 4.0 * psi if (half_weights and _precision == "bf16" and zero_stage == 1) else 0.0
+    resident = (weights + gathered + float(facts.buffer_bytes) + grad_accumulation
+                + (0.0 if opt_on_host else master + adam))
     allocated = resident + max(backward, step)
     frag = allowances.fragmentation * allocated
     reserved = allowances.gpu_reserved_gb * GIB
     gpu = {"weights": weights, "gathered_weights": gathered, "buffers": float(facts.buffer_bytes),
            "master_weights": 0.0 if opt_on_host else master, "optimizer_states": 0.0 if opt_on_host else adam,
-           "backward_peak": backward, "step_peak": step, "fragmentation": frag, "reserved": reserved}
+           "fp32_grad_accumulation": grad_accumulation, "backward_peak": backward, "step_peak": step, "fragmentation": frag, "reserved": reserved}
     per_gpu = allocated + frag + reserved
 
     # Host: every rank first builds the model in fp32 on its host (the engine then moves it), and
