@@ -135,6 +135,14 @@ def test_checkpointing_measures_less_activation_memory():
         assert plain.act_per_image < fp32.act_per_image  # autocast's bf16 copies are half the size
 
 
+def test_checkpointing_every_second_block_measures_between_off_and_every_block():
+    cfg = load_config(ROOT / "configs/vit_b.json", overrides=VIT_SMALL)
+    off, every, second = (P.activation_fit(cfg, c, "bf16", False).act_per_image for c in (False, True, 2))
+    assert every < second < off
+    with pytest.raises(UserError, match="block interval"):
+        P.activation_fit(cfg, -1, "bf16", False)
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
 def test_every_shipped_config_plans(config):
     cfg = load_config(ROOT / "configs" / config)

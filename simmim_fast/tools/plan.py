@@ -31,7 +31,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -210,27 +210,39 @@ def _fused_attention(func, args, kwargs):
         return func(*args, **kwargs)
 
 
-def _checkpoint_blocks(model: nn.Module) -> int:
-    """Activation checkpointing of every transformer block (torch.utils.checkpoint, non-reentrant):
-    the children of every ``blocks`` container (timm's Swin / SwinV2 stages, BEiT). Returns the
-    number of blocks wrapped. The meta device has no RNG state to preserve."""
-    wrapped = 0
+def _checkpoint_blocks(model: nn.Module, every: int = 1) -> int:
+    """Activation checkpointing of every ``every``-th transformer block (torch.utils.checkpoint,
+    non-reentrant), counting the children of every ``blocks`` container (timm's Swin / SwinV2 stages,
+    BEiT) in order from 0. Returns the number of blocks wrapped. The meta device has no RNG state to
+    preserve."""
+    wrapped = index = 0
     for module in list(model.modules()):
         blocks = getattr(module, "blocks", None)
         if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
             for block in blocks:
-                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False,
-                                                  preserve_rng_state=False)
-                wrapped += 1
+                if index % every == 0:
+                    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False,
+                                                      preserve_rng_state=False)
+                    wrapped += 1
+                index += 1
     return wrapped
 
 
-def _apply_checkpointing(model: SimMIM) -> None:
-    # The model's own switch when it has one (it is what training uses); else every block here.
+def _checkpoint_every(value: Union[bool, int]) -> int:
+    """engine.activation_checkpointing as a block interval: false -> 0 (off), true -> 1, N -> N."""
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, int) or value < 0:
+        raise UserError(f"activation checkpointing must be false, true or a block interval N >= 1 (got {value!r})")
+    return value
+
+
+def _apply_checkpointing(model: SimMIM, every: int = 1) -> None:
+    # The model's own switch when it has one (it is what training uses); else the blocks here.
     setter = getattr(model, "set_activation_checkpointing", None)
     if callable(setter):
-        setter(True)
-    elif not _checkpoint_blocks(model):
+        setter(True if every == 1 else every)
+    elif not _checkpoint_blocks(model, every):
         raise UserError(f"activation checkpointing: the {model.cfg.encoder} encoder has no 'blocks' to checkpoint")
 
 
@@ -272,8 +284,8 @@ def model_facts(cfg: Config) -> ModelFacts:
         persistent_params=sum(p.numel() for p in params if p.numel() < ZERO3_PERSISTENCE_THRESHOLD))
 
 
-def measure_activations(cfg: Config, batch: int, checkpointing: bool, precision: str, half_weights: bool
-                        ) -> Tuple[int, int]:
+def measure_activations(cfg: Config, batch: int, checkpointing: Union[bool, int], precision: str,
+                        half_weights: bool) -> Tuple[int, int]:
     """(peak activation bytes, peak activation + parameter-gradient bytes) of one training forward
     + backward of ``cfg``'s SimMIM model at micro batch ``batch``, measured on the meta device.
     ``precision`` bf16/fp16: CUDA autocast's dtypes; ``half_weights``: the weights (and so the
@@ -282,8 +294,9 @@ def measure_activations(cfg: Config, batch: int, checkpointing: bool, precision:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half_weights and dtype is not None:
         model = model.to(dtype)
-    if checkpointing:
-        _apply_checkpointing(model)
+    every = _checkpoint_every(checkpointing)
+    if every:
+        _apply_checkpointing(model, every)
     tracker = _LiveBytes()
     hooks = [p.register_post_accumulate_grad_hook(tracker.mark_grad) for p in model.parameters()]
     m = cfg.model
@@ -329,13 +342,15 @@ class ActivationFit:
         return self.act_grads_fixed + self.act_grads_per_image * batch
 
 
-_FIT_CACHE: Dict[Tuple[str, bool, str, bool], ActivationFit] = {}
+_FIT_CACHE: Dict[Tuple[str, int, str, bool], ActivationFit] = {}
 
 
-def activation_fit(cfg: Config, checkpointing: bool, precision: str, half_weights: bool) -> ActivationFit:
+def activation_fit(cfg: Config, checkpointing: Union[bool, int], precision: str, half_weights: bool
+                   ) -> ActivationFit:
     """The measured activation fit for ``cfg``'s model, from ``MEASURE_BATCHES`` (cached per model
     section and setting: the measurement is a few forward + backward passes on the meta device)."""
-    key = (json.dumps(config_to_dict(cfg)["model"], sort_keys=True), bool(checkpointing), precision, bool(half_weights))
+    key = (json.dumps(config_to_dict(cfg)["model"], sort_keys=True), _checkpoint_every(checkpointing), precision,
+           bool(half_weights))
     if key not in _FIT_CACHE:
         b1, b2 = MEASURE_BATCHES
         a1, g1 = measure_activations(cfg, b1, checkpointing, precision, half_weights)
@@ -580,11 +595,16 @@ def plan(cfg: Config, gpus: int, gpu_memory_gb: float, cpu_memory_gb: Optional[f
 # ----------------------------------------------------------------------------------------------
 # train.py's preflight
 
-def _config_choice(cfg: Config) -> Tuple[int, str, bool]:
-    # engine.offload / engine.activation_checkpointing: read where the config has them.
+def _config_choice(cfg: Config) -> Tuple[int, str, int]:
+    """(ZeRO stage, offload, checkpointing block interval) of the config; engine.offload and
+    engine.activation_checkpointing are read where the config has them."""
     offload = getattr(cfg.engine, "offload", "none")
-    ckpt = getattr(cfg.engine, "activation_checkpointing", False)
-    return cfg.engine.zero_stage, offload, bool(ckpt)
+    every = _checkpoint_every(getattr(cfg.engine, "activation_checkpointing", False))
+    return cfg.engine.zero_stage, offload, every
+
+
+def _describe_checkpointing(every: int) -> str:
+    return {0: "off", 1: "every block"}.get(every, f"every {every}th block")
 
 
 def check_fits(cfg: Config, world_size: int, gpu_memory_gb: float, gpus_per_host: Optional[int] = None,
@@ -592,13 +612,14 @@ def check_fits(cfg: Config, world_size: int, gpu_memory_gb: float, gpus_per_host
     """The estimate for the config's own choice (ZeRO stage, offload, checkpointing, micro batch) on
     ``world_size`` GPUs of ``gpu_memory_gb``; raises UserError naming the options to change if it
     cannot fit. Returns the estimate otherwise."""
-    stage, offload, ckpt = _config_choice(cfg)
+    stage, offload, every = _config_choice(cfg)
+    ckpt = bool(every)
     if cfg.engine.mode == "torch":
         offload = "none"  # no ZeRO offload in plain PyTorch
     precision, half_weights = _precision_facts(cfg)
     facts = model_facts(cfg)
     per_host = gpus_per_host or min(world_size, 8)
-    fit = activation_fit(cfg, ckpt, precision, half_weights)
+    fit = activation_fit(cfg, every, precision, half_weights)
     b = cfg.train.micro_batch_size
     g, h, gb, hb = estimate(cfg, facts, fit, gpus=world_size, gpus_per_host=per_host, zero_stage=stage,
                             offload=offload, micro_batch=b)
@@ -616,13 +637,13 @@ def check_fits(cfg: Config, world_size: int, gpu_memory_gb: float, gpus_per_host
     hint = f"`{command} --gpus {world_size} --gpu-memory-gb {gpu_memory_gb:.0f}` lists every choice"
     if better.recommended is None:
         raise UserError(f"this config cannot fit on {world_size} GPU(s): ZeRO-{stage}, offload {offload}, "
-                        f"checkpointing {ckpt}, micro batch {b} needs {what}, and no ZeRO stage x offload x "
+                        f"checkpointing {_describe_checkpointing(every)}, micro batch {b} needs {what}, and no ZeRO stage x offload x "
                         f"checkpointing choice fits ({better.problem}); {hint}")
     rec = better.recommended
     current = {f"engine.zero_stage={stage}", f"train.micro_batch_size={b}"}
     if offload != "none":
         current.add(f'engine.offload="{offload}"')
-    if ckpt:
+    if every == 1:
         current.add("engine.activation_checkpointing=true")
     changes = [s for s in rec.settings(cfg.engine.mode) if s not in current]
     if not rec.activation_checkpointing and ckpt:
@@ -630,7 +651,7 @@ def check_fits(cfg: Config, world_size: int, gpu_memory_gb: float, gpus_per_host
     if rec.offload == "none" and offload != "none":
         changes.append('engine.offload="none"')
     raise UserError(f"this config does not fit on {world_size} GPU(s): ZeRO-{stage}, offload {offload}, checkpointing "
-                    f"{str(ckpt).lower()}, micro batch {b} needs {what}; set "
+                    f"{_describe_checkpointing(every)}, micro batch {b} needs {what}; set "
                     + " ".join(f"--set {c}" for c in changes) + f" (about {rec.per_gpu_gb:g} GB per GPU; {hint})")
 
 
