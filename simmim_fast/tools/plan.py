@@ -75,6 +75,7 @@ class _LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live: Dict[int, int] = {}
+        self.ignored: set = set()
         self.grads: set = set()
         self.act = 0
         self.grad = 0
@@ -89,10 +90,15 @@ class _LiveBytes(TorchDispatchMode):
         else:
             self.act -= n
 
+    def ignore(self, tensors) -> None:
+        """Storages that exist before the measurement (parameters, buffers): a view of one (``w.t()``
+        inside a linear layer) is not a new allocation."""
+        self.ignored |= {t.untyped_storage()._cdata for t in tensors}
+
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.live:
+        if key in self.live or key in self.ignored:
             return
         n = storage.nbytes()
         self.live[key] = n
@@ -298,6 +304,7 @@ def measure_activations(cfg: Config, batch: int, checkpointing: Union[bool, int]
     if every:
         _apply_checkpointing(model, every)
     tracker = _LiveBytes()
+    tracker.ignore(list(model.parameters()) + list(model.buffers()))
     hooks = [p.register_post_accumulate_grad_hook(tracker.mark_grad) for p in model.parameters()]
     m = cfg.model
     tokens = m.img_size // m.patch_size
