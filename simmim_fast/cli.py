@@ -32,6 +32,8 @@ COMMANDS = {
     "scan": ("simmim_fast.data.scan", "check a dataset and report the files training would skip"),
     "stats": ("simmim_fast.data.stats", "per-channel mean/std of a dataset, as --set data.mean/data.std lines"),
     "shard": ("simmim_fast.data.shard", "write a dataset as WebDataset tar shards (+ DALI .idx files, manifest.json)"),
+    "plan": ("simmim_fast.tools.plan", "memory planner: ZeRO stage x offload x checkpointing, micro batch and "
+                                       "accumulation that fit N GPUs of M GB"),
 }
 
 

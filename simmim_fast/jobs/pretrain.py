@@ -20,6 +20,7 @@ from ..engine import run as engine_run
 from ..errors import UserError
 from ..models import SimMIM
 from ..tools.export import normalisation, read_normalisation
+from ..tools.plan import preflight_memory
 from ..visualization import reconstruction_grid, save_png_atomically
 from ..weights import simmim_param_groups
 from .online_probe import check_probe_config, online_probe_callback
@@ -43,6 +44,9 @@ def preflight(args: argparse.Namespace):
     cfg = load_config(args.config, overrides=overrides)
     out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
     check_probe_config(cfg)
+    # On CUDA: refuse a config that cannot fit on these GPUs before anything is allocated (the memory
+    # planner's estimate, measured on the meta device); nothing on the CPU.
+    preflight_memory(cfg, args.config)
     paths = None
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))
