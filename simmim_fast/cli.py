@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_USAGE, RunStopped, UserError
 
 __all__ = ["COMMANDS", "add_config_arguments", "add_weights_arguments", "add_job_arguments", "run_main", "main"]
 
@@ -66,13 +66,22 @@ def add_job_arguments(parser: argparse.ArgumentParser, config_help: str = "confi
 
 
 def run_main(fn: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
-    """``fn(args)``, with a UserError turned into one ``error:`` line (rank 0 only) and exit status 2."""
+    """``fn(args)``, with a UserError turned into one ``error:`` line (rank 0 only) and exit status 2, and a
+    stopped run (``RunStopped``: non-finite loss, signal) into its one line and its exit status."""
     try:
         return int(fn(args) or 0)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except RunStopped as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{e.prefix}{_one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:

