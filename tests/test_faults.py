@@ -165,3 +165,68 @@ def test_nan_skip_shows_skipped_steps_and_writes_strict_json(tmp_path, capsys, o
     recs = _strict_records(out)
     skipped = [r["step"] for r in recs if r["skipped"]]
     assert len(skipped) == 2 and recs[-1]["step"] == skipped[-1] and all(r["loss"] is None for r in recs[-2:])
+
+
+# ------------------------------------------------------------------ tools and data: one error line each
+def _one_error_line(capsys, argv):
+    from simmim_fast.cli import main
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    return err
+
+
+def test_tools_bad_input_is_one_error_line(reference, tmp_path, capsys):
+    from PIL import Image
+
+    from simmim_fast.data.samples import sample_photo_paths
+    out = str(reference[0])
+    (tmp_path / "empty").mkdir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    text = tmp_path / "not_an_image.png"
+    text.write_text("hello\n")
+    photo = str(sample_photo_paths()[0])
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    combined = ["--combined", str(tmp_path / "c.png")]
+    assert "no checkpoint" in _one_error_line(capsys, ["export", str(tmp_path / "empty"), "-o", str(tmp_path / "e")])
+    assert "no checkpoint" in _one_error_line(capsys, ["visualize", str(tmp_path / "empty")] + combined)
+    assert "a_file" in _one_error_line(capsys, ["export", out, "-o", str(blocker / "sub" / "e")])
+    assert "not_an_image" in _one_error_line(capsys, ["visualize", out, "--images", str(text)] + combined)
+    assert "not_an_image" in _one_error_line(capsys, ["visualize", out, "--images", photo, "--mask", str(text)]
+                                             + combined)
+    assert "a_file" in _one_error_line(capsys, ["visualize", out, "--images", photo, "--combined",
+                                                str(blocker / "c.png")])
+    assert "--mask" in _one_error_line(capsys, ["visualize", out, "--images", photo, photo, "--mask", str(mask),
+                                                str(mask), str(mask)] + combined)
+    assert "--snap-size" in _one_error_line(capsys, ["visualize", out, "--images", photo, "--mask", str(mask),
+                                                     "--snap-size", "7"] + combined)
+
+
+def test_broken_symlink_is_listed_as_unusable(tmp_path, capsys):
+    from data_helpers import make_photo_tree
+    root = tmp_path / "ds"
+    make_photo_tree(root, 4)
+    (root / "class_a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    from simmim_fast.cli import main
+    assert main(["scan", str(root), "--cache-dir", str(tmp_path / "cache"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "scanned 5 files" in out and "would skip: 1" in out and "gone.jpg: broken link" in out, out
+
+
+def test_unusable_dataset_is_refused_before_the_engine_starts(tmp_path, capsys, monkeypatch):
+    from data_helpers import make_photo_tree
+    import simmim_fast.engine.run as engine_run
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine was started")
+    monkeypatch.setattr(engine_run, "init_distributed", no_engine)
+    root = tmp_path / "ds"
+    make_photo_tree(root, 4)
+    for i in range(5):
+        (root / "class_a" / f"junk_{i}.jpg").write_text("not an image\n")
+    err = _one_error_line(capsys, ["pretrain", "--config", "configs/swin_tiny_cpu.json", "--data-path", str(root),
+                                   "--output-dir", str(tmp_path / "o"), "--set", f"data.cache_dir=\"{tmp_path}\"",
+                                   "--set", "train.micro_batch_size=1", "--set", "train.global_batch_size=1"])
+    assert "5 of 9 files" in err and "junk_0.jpg" in err and "junk_1.jpg" in err, err

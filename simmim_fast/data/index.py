@@ -94,6 +94,8 @@ def check_image_file(path: str | os.PathLike, check: str = "header") -> FileChec
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return FileCheck(reason=f"broken link (to {os.readlink(path)})")
     try:
         size = path.stat().st_size
         if size == 0:

@@ -16,6 +16,7 @@ import os
 from ..cli import add_job_arguments
 from ..config import load_config
 from ..data import PretrainLoader, list_images
+from ..data.loader import check_usable, load_index
 from ..engine import run as engine_run
 from ..errors import UserError
 from ..models import SimMIM
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def preflight(args: argparse.Namespace):
     """Everything that can be checked without starting the engine: (cfg, output dir, resume path,
-    precision, the dataset's files or None for synthetic data)."""
+    precision, the dataset's checked file index or None for synthetic data)."""
     overrides = list(args.overrides)
     if args.data_path is not None:
         overrides.append(f"data.path={json.dumps(args.data_path)}")
@@ -52,7 +53,11 @@ def preflight(args: argparse.Namespace):
                 f"per rank per epoch, fewer than one optimiser step needs ({accumulation} accumulation steps x "
                 f"train.micro_batch_size {cfg.train.micro_batch_size} x {world} ranks); lower "
                 f"train.global_batch_size / train.micro_batch_size or add images")
-    return cfg, out, resume_path, precision, paths
+        # The file check (cached per dataset) before any engine starts: an unusable dataset is one error line.
+        index = load_index(cfg, paths=paths)
+        check_usable(index, cfg)
+        return cfg, out, resume_path, precision, index
+    return cfg, out, resume_path, precision, None
 
 
 def _reconstructions(ctx: engine_run.RunContext):
@@ -76,14 +81,15 @@ def _reconstructions(ctx: engine_run.RunContext):
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg, out, resume_path, precision, paths = preflight(args)
+    cfg, out, resume_path, precision, index = preflight(args)
 
     def build_model(ctx):
         model = SimMIM.from_config(cfg)
         return model, simmim_param_groups(model, cfg)
 
     def build_loader(ctx):
-        return PretrainLoader(cfg, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device, log_dir=out, paths=paths)
+        return PretrainLoader(cfg, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device, log_dir=out,
+                              index=index)
 
     engine_run.run(cfg, out, resume_path, precision, build_model=build_model, build_loader=build_loader,
                    loss_label=LOSS_LABEL, on_step=_reconstructions)

@@ -231,6 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..cli import output_location
+    output_location(Path(str(args.output) + ".safetensors"), "export")
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     name, kwargs = timm_target(cfg, args.model, args.img_size, args.window_size, args.vit_rel_pos, args.vit_pool)
     target = build_timm_model(name, kwargs)

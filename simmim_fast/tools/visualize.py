@@ -40,6 +40,11 @@ def main(args: argparse.Namespace) -> int:
     from ..data.samples import sample_photo_paths
     from ..weights import build_simmim, load_source
 
+    from ..cli import output_location
+    if args.combined:
+        output_location(args.combined, "combined PNG")
+    else:
+        output_location(Path(args.output) / "x.png", "output folder")
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     m = cfg.model
     image_paths = [Path(p) for p in (args.images or [str(p) for p in sample_photo_paths()[:4]])]
