@@ -230,3 +230,123 @@ def test_unusable_dataset_is_refused_before_the_engine_starts(tmp_path, capsys, 
                                    "--output-dir", str(tmp_path / "o"), "--set", f"data.cache_dir=\"{tmp_path}\"",
                                    "--set", "train.micro_batch_size=1", "--set", "train.global_batch_size=1"])
     assert "5 of 9 files" in err and "junk_0.jpg" in err and "junk_1.jpg" in err, err
+
+
+# ------------------------------------------------------------------ kill -9, full disk, signals (subprocesses)
+def _last_step(out):
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in f.read_text().splitlines() if line.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+def _start(args, out, **env):
+    cmd = [sys.executable, str(ROOT / "tests/fault_worker.py")] + args + ["--output-dir", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(cond, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not cond() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert cond(), f"condition not reached (exit {proc.poll()})"
+
+
+def _finish(proc, timeout=240):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
+def test_kill_9_during_a_save_loses_nothing(reference, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    marker = tmp_path / "in_save"
+    proc = _start(steps(6), out, FAULT="hang_in_save:6", FAULT_MARKER=str(marker))
+    _wait_for(marker.exists, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _finish(proc)
+    ck = out / "checkpoints"
+    assert (ck / ".partial-step_00000006").is_dir() and (ck / "latest").read_text().strip() == "step_00000003"
+    assert cli(steps(6) + ["--output-dir", str(out)]) == 0
+    assert "at step 3" in capsys.readouterr().out
+    assert losses(out) == reference[1] and not (ck / ".partial-step_00000006").exists()
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(reference, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    rc, _, err = _finish(_start(steps(6), out, FAULT="enospc:6"))
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: could not write the checkpoint of step 6") and "No space left" in last, err
+    assert "step_00000003" in last and "Traceback" not in err, err
+    ck = out / "checkpoints"
+    assert not (ck / ".partial-step_00000006").exists() and (ck / "latest").read_text().strip() == "step_00000003"
+    assert cli(steps(6) + ["--output-dir", str(out)]) == 0  # space is back: resume from the intact checkpoint
+    assert losses(out) == reference[1]
+
+
+SIG_ARGS = ["--set", "checkpoint.every_steps=1000", "--set", "checkpoint.save_at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def reference20(tmp_path_factory):
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ref20") / "run"
+    assert cli(steps(20) + SIG_ARGS + ["--output-dir", str(out)]) == 0
+    torch.set_num_threads(n)
+    return losses(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_stops_and_resumes_bit_identical(reference20, tmp_path, capsys, one_thread, sig):
+    from simmim_fast.errors import exit_code_for_signal
+    out = tmp_path / "run"
+    proc = _start(steps(20) + SIG_ARGS, out)
+    _wait_for(lambda: _last_step(out) >= 3, proc)
+    os.kill(proc.pid, sig)
+    rc, text, err = _finish(proc)
+    assert rc == exit_code_for_signal(sig) == 128 + sig, err
+    stopped = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0] and "Traceback" not in err, err
+    step = int(re.search(r"after step (\d+)", stopped[0]).group(1))
+    assert 3 <= step < 20 and (out / "checkpoints/latest").read_text().strip() == f"step_{step:08d}"
+    assert cli(steps(20) + SIG_ARGS + ["--output-dir", str(out)]) == 0
+    assert f"at step {step}" in capsys.readouterr().out
+    assert losses(out) == reference20
+
+
+def test_second_sigint_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "in_save"
+    proc = _start(steps(6), out, FAULT="hang_in_save:3", FAULT_MARKER=str(marker))
+    _wait_for(marker.exists, proc)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    rc, _, err = _finish(proc, timeout=30)
+    assert rc == 130 and "second interrupt" in err and "Traceback" not in err, err
+    assert not (out / "checkpoints/latest").exists()
+
+
+def test_second_run_on_the_same_output_dir_is_refused(tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    marker = tmp_path / "in_save"
+    proc = _start(steps(6), out, FAULT="hang_in_save:6", FAULT_MARKER=str(marker))
+    try:
+        _wait_for(marker.exists, proc)
+        assert cli(steps(6) + ["--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "in use by another run" in err and f"pid {proc.pid}" in err, err
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _finish(proc)
+    # the dead run's lock file is still there; its lock went with its process: taken over
+    assert (out / "run.lock").read_text().startswith(f"pid {proc.pid}")
+    assert cli(steps(6) + ["--output-dir", str(out)]) == 0

@@ -10,6 +10,10 @@ nan_policy 'skip' adds one sync per step (it must decide before the update).
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, List, Optional
@@ -20,9 +24,11 @@ import torch.distributed as torch_dist
 from .checkpoint import CheckpointError, CheckpointManager, read_trainer_state, restore_rng, tag_for_step
 from .metrics import MetricsLogger, plot_loss_curve
 from .schedule import LRSchedule
-from ..errors import EXIT_NONFINITE, RunStopped, UserError
+from ..errors import EXIT_NONFINITE, RunStopped, UserError, exit_code_for_signal
 
-__all__ = ["TrainState", "Trainer", "NonFiniteLossError"]
+__all__ = ["TrainState", "Trainer", "NonFiniteLossError", "StopSignals"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLossError(RunStopped, RuntimeError):
@@ -31,6 +37,39 @@ class NonFiniteLossError(RunStopped, RuntimeError):
 
     def __init__(self, message: str):
         super().__init__(message, EXIT_NONFINITE)
+
+
+class StopSignals:
+    """While training: the first SIGTERM or SIGINT is remembered (``signum``), so the loop can finish the
+    current optimiser step, save and stop; a second SIGINT (Ctrl-C twice) exits at once, saving nothing.
+    Handlers can only be installed from the main thread; elsewhere signals keep their default action."""
+
+    def __init__(self, rank: int = 0):
+        self.signum = 0
+        self.rank = rank
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            print(f"[rank {self.rank}] second interrupt: exiting at once, without saving a checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(exit_code_for_signal(signum))
+        if not self.signum:
+            self.signum = signum
+            if signum == signal.SIGINT and self.rank == 0:
+                print("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit at once)",
+                      file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -58,7 +97,10 @@ class Trainer:
                  max_steps: Optional[int], global_batch_size: int, nan_policy: str, max_skipped_steps: int,
                  checkpoints: CheckpointManager, checkpoint_every: int, save_at_end: bool, logger: MetricsLogger,
                  print_every: int, world_size: int, config, loss_curve: bool = True,
-                 on_step: Optional[Callable[[TrainState], None]] = None):
+                 on_step: Optional[Callable[[TrainState], None]] = None,
+                 agree: Optional[Callable[[int], int]] = None, rank: int = 0):
+        """``agree(value) -> max of value over all ranks`` (dist.RankAgreement; identity for one rank):
+        called once per step with the stop signal this rank got (0 if none)."""
         if steps_per_epoch < 1:
             raise UserError("steps_per_epoch must be >= 1")
         self.backend, self.loader, self.schedule = backend, loader, schedule
@@ -69,6 +111,8 @@ class Trainer:
         self.checkpoints, self.checkpoint_every, self.save_at_end = checkpoints, checkpoint_every, save_at_end
         self.logger, self.print_every, self.loss_curve = logger, print_every, loss_curve
         self.world_size, self.config, self.on_step = world_size, config, on_step
+        self.agree = agree or (lambda value: value)
+        self.rank = rank
         self.accumulation = backend.accumulation
         if hasattr(backend, "check_finite"):
             backend.check_finite = nan_policy == "skip"
@@ -109,7 +153,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self, state: Optional[TrainState] = None) -> TrainState:
-        state = state or TrainState()
+        with StopSignals(self.rank) as signals:
+            return self._fit(state or TrainState(), signals)
+
+    def _fit(self, state: TrainState, signals: StopSignals) -> TrainState:
         self._last_flush_step = state.step
         self._last_flush_time = time.perf_counter()
         while state.step < self.total_steps:
@@ -117,12 +164,20 @@ class Trainer:
             batches = iter(self.loader.epoch(state.epoch, start_batch=micro_start))
             while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
                 self._one_step(state, batches)
+                stop = self.agree(signals.signum)  # every rank, every step: all stop after the same step
+                stop = stop if state.step < self.total_steps else 0  # the last step: end as usual
                 if state.step % self.print_every == 0:
                     self._flush(state)
                 if self.on_step is not None:
                     self.on_step(state)
-                if state.step % self.checkpoint_every == 0:
+                if state.step % self.checkpoint_every == 0 or stop:
                     self.save(state)
+                if stop:
+                    self.logger.close()
+                    raise RunStopped(
+                        f"stopped by {signal.Signals(stop).name} after step {state.step}: checkpoint "
+                        f"{self.checkpoints.root / tag_for_step(state.step)} saved; the same command resumes from it",
+                        exit_code_for_signal(stop), prefix="")
             if state.step_in_epoch >= self.steps_per_epoch:
                 state.epoch += 1
                 state.step_in_epoch = 0

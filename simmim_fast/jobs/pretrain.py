@@ -41,6 +41,15 @@ def preflight(args: argparse.Namespace):
         overrides.append(f"data.path={json.dumps(args.data_path)}")
     cfg = load_config(args.config, overrides=overrides)
     out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
+    try:
+        return (cfg, out, resume_path, precision, _check_data(cfg))
+    except BaseException:
+        engine_run.release_output_dir(out)
+        raise
+
+
+def _check_data(cfg):
+    """The dataset's checked file index (None for synthetic data); UserError for a dataset that cannot train."""
     paths = None
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -56,8 +65,8 @@ def preflight(args: argparse.Namespace):
         # The file check (cached per dataset) before any engine starts: an unusable dataset is one error line.
         index = load_index(cfg, paths=paths)
         check_usable(index, cfg)
-        return cfg, out, resume_path, precision, index
-    return cfg, out, resume_path, precision, None
+        return index
+    return None
 
 
 def _reconstructions(ctx: engine_run.RunContext):
