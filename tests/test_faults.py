@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_subprocess import ROOT, one_thread, run, subprocess_env  # noqa: F401
+from engine_subprocess import ROOT, deepspeed_launcher, one_thread, requires_deepspeed, run, subprocess_env  # noqa: F401
 from simmim_fast.cli import train_main as cli
 
 # 4 steps per epoch on the 19 sample photos at micro batch 4, a checkpoint every 3 steps.
@@ -263,15 +263,23 @@ def _finish(proc, timeout=240):
     return proc.returncode, out, err
 
 
-def test_kill_9_during_a_save_loses_nothing(reference, tmp_path, capsys, one_thread):
+def test_kill_9_during_a_save_and_a_second_run_meanwhile(reference, tmp_path, capsys, one_thread):
+    """A run hangs half-way through a save: a second run on its output dir is refused (the lock); the first is
+    killed with kill -9; the next run takes the dead run's lock over and resumes from the previous checkpoint."""
     out = tmp_path / "run"
     marker = tmp_path / "in_save"
     proc = _start(steps(6), out, FAULT="hang_in_save:6", FAULT_MARKER=str(marker))
-    _wait_for(marker.exists, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    _finish(proc)
+    try:
+        _wait_for(marker.exists, proc)
+        assert cli(steps(6) + ["--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "in use by another run" in err and f"pid {proc.pid}" in err, err
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # no clean-up code runs
+        _finish(proc)
     ck = out / "checkpoints"
     assert (ck / ".partial-step_00000006").is_dir() and (ck / "latest").read_text().strip() == "step_00000003"
+    assert (out / "run.lock").read_text().startswith(f"pid {proc.pid}")  # the file stays; its lock died
     assert cli(steps(6) + ["--output-dir", str(out)]) == 0
     assert "at step 3" in capsys.readouterr().out
     assert losses(out) == reference[1] and not (ck / ".partial-step_00000006").exists()
@@ -317,6 +325,8 @@ def test_signal_saves_stops_and_resumes_bit_identical(reference20, tmp_path, cap
     assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0] and "Traceback" not in err, err
     step = int(re.search(r"after step (\d+)", stopped[0]).group(1))
     assert 3 <= step < 20 and (out / "checkpoints/latest").read_text().strip() == f"step_{step:08d}"
+    if sig == signal.SIGINT:
+        return  # the same stop as SIGTERM's: its resume is checked there
     assert cli(steps(20) + SIG_ARGS + ["--output-dir", str(out)]) == 0
     assert f"at step {step}" in capsys.readouterr().out
     assert losses(out) == reference20
@@ -335,18 +345,61 @@ def test_second_sigint_exits_at_once(tmp_path):
     assert not (out / "checkpoints/latest").exists()
 
 
-def test_second_run_on_the_same_output_dir_is_refused(tmp_path, capsys, one_thread):
+@requires_deepspeed
+def test_two_ranks_stop_together_when_only_one_gets_sigterm(tmp_path):
+    """DeepSpeed ZeRO-1, two gloo ranks: SIGTERM to rank 1 alone; both ranks stop after the same step (rank 0
+    reports it), the checkpoint is complete, and the resumed run gives the uninterrupted run's losses."""
+    import psutil
+    args = steps(12) + SIG_ARGS + ["--set", "engine.mode=deepspeed", "--set", "engine.zero_stage=1",
+                                   "--set", "train.global_batch_size=8"]
+    from simmim_fast.engine.dist import _free_port
+
+    def train(out):  # a free rendezvous port per launch: other jobs on this machine may hold DeepSpeed's default
+        return (deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "train.py")]
+                + args + ["--output-dir", str(out)])
+    run(train(tmp_path / "full"), timeout=400)
+    reference = losses(tmp_path / "full")
+    assert sorted(reference) == list(range(1, 13))
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(train(out), cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(lambda: _last_step(out) >= 3, proc, timeout=400)
+    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
+             if any(a.startswith("--local_rank=1") for a in c.cmdline())]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGTERM)
+    _, text, err = _finish(proc, timeout=300)
+    stopped = [line for line in (text + err).splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stopped) == 1, text[-3000:] + err[-3000:]  # printed by rank 0, which got no signal
+    step = int(re.search(r"after step (\d+)", stopped[0]).group(1))
+    assert (out / "checkpoints/latest").read_text().strip() == f"step_{step:08d}"
+    from simmim_fast.engine.checkpoint import verify_checkpoint
+    verify_checkpoint(out / "checkpoints" / f"step_{step:08d}")  # both ranks' RNG files, DeepSpeed's files
+    resumed = run(train(out), timeout=400).stdout
+    assert f"at step {step}" in resumed
+    assert losses(out) == reference
+
+
+def test_dataset_file_vanishing_mid_run_is_skipped_and_named(tmp_path, monkeypatch, one_thread):
+    """A file deleted and another overwritten with garbage after step 1: later epochs read stand-ins for both,
+    the run finishes, and data_skipped_rank0.tsv names them."""
+    from data_helpers import make_photo_tree
+    import simmim_fast.jobs.pretrain as pretrain
+    files = make_photo_tree(tmp_path / "ds", 8, max_side=96)
+    gone, garbled = files[1], files[2]
+
+    def damage(ctx):
+        def callback(state):
+            if state.step == 1:
+                gone.unlink()
+                garbled.write_bytes(garbled.read_bytes()[:200] + bytes(range(256)) * 8)
+        return callback
+    monkeypatch.setattr(pretrain, "_reconstructions", damage)
     out = tmp_path / "run"
-    marker = tmp_path / "in_save"
-    proc = _start(steps(6), out, FAULT="hang_in_save:6", FAULT_MARKER=str(marker))
-    try:
-        _wait_for(marker.exists, proc)
-        assert cli(steps(6) + ["--output-dir", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and "in use by another run" in err and f"pid {proc.pid}" in err, err
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _finish(proc)
-    # the dead run's lock file is still there; its lock went with its process: taken over
-    assert (out / "run.lock").read_text().startswith(f"pid {proc.pid}")
-    assert cli(steps(6) + ["--output-dir", str(out)]) == 0
+    rc = cli(steps(8) + ["--data-path", str(tmp_path / "ds"), "--output-dir", str(out),
+                         "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                         "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2"])
+    assert rc == 0 and losses(out).keys() == set(range(1, 9))
+    skipped = (out / "data_skipped_rank0.tsv").read_text()
+    assert str(gone) in skipped and str(garbled) in skipped, skipped
