@@ -204,6 +204,20 @@ def test_tools_bad_input_is_one_error_line(reference, tmp_path, capsys):
                                                      "--snap-size", "7"] + combined)
 
 
+def test_exports_follow_the_umask(reference, tmp_path, capsys):
+    import stat
+
+    from simmim_fast.cli import main
+    old = os.umask(0o027)
+    try:
+        assert main(["export", str(reference[0]), "-o", str(tmp_path / "w")]) == 0
+    finally:
+        os.umask(old)
+    modes = {suffix: oct(stat.S_IMODE((tmp_path / f"w{suffix}").stat().st_mode))
+             for suffix in (".safetensors", ".pth", ".json")}
+    assert set(modes.values()) == {oct(0o640)}, modes
+
+
 def test_broken_symlink_is_listed_as_unusable(tmp_path, capsys):
     from data_helpers import make_photo_tree
     root = tmp_path / "ds"

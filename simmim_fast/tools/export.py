@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -200,7 +201,17 @@ def save_timm_weights(state: Dict[str, torch.Tensor], output: str | Path, info: 
     save_file(state, str(paths["safetensors"]), metadata={"format": "pt", "timm_model": info["model_name"]})
     torch.save(state, paths["pth"])
     paths["json"].write_text(json.dumps(info, indent=2) + "\n")
+    # safetensors creates its file with mode 0600; every export gets what the user's umask gives a new file
+    mode = 0o666 & ~_umask()
+    for path in paths.values():
+        os.chmod(path, mode)
     return paths
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def create_model_call(model_name: str, kwargs: Dict[str, Any], file: str | Path) -> str:
