@@ -417,3 +417,58 @@ def test_dataset_file_vanishing_mid_run_is_skipped_and_named(tmp_path, monkeypat
     assert rc == 0 and losses(out).keys() == set(range(1, 9))
     skipped = (out / "data_skipped_rank0.tsv").read_text()
     assert str(gone) in skipped and str(garbled) in skipped, skipped
+
+
+# ------------------------------------------------------------------ JPEGs with decoder warnings: one rule everywhere
+def _jpegs_with_decoder_warnings(root):
+    """A good JPEG, one with random bytes in its entropy-coded data, one cut and given an end-of-image marker."""
+    import numpy as np
+    from data_helpers import photo
+    root.mkdir(parents=True, exist_ok=True)
+    photo("chelsea.png").convert("RGB").save(root / "good.jpg", quality=90)
+    good = (root / "good.jpg").read_bytes()
+    sos = good.find(b"\xff\xda")
+    mid = bytearray(good)
+    at = sos + (len(good) - sos) // 2
+    mid[at:at + 300] = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    (root / "corrupt_middle.jpg").write_bytes(bytes(mid))
+    (root / "cut_with_eoi.jpg").write_bytes(good[:at] + b"\xff\xd9")
+    return root / "corrupt_middle.jpg", root / "cut_with_eoi.jpg"
+
+
+@pytest.mark.parametrize("check", ["header", "decode"])
+def test_jpeg_decoder_warnings_are_corrupt_for_every_check(tmp_path, check):
+    from simmim_fast.data.index import BAD, check_image_file
+    for path in _jpegs_with_decoder_warnings(tmp_path):
+        result = check_image_file(path, check)
+        assert result.status == BAD and result.reason.startswith("corrupt JPEG data"), (path.name, result)
+    assert check_image_file(tmp_path / "good.jpg", check).status != BAD
+
+
+def test_every_backend_skips_the_same_corrupt_jpegs(tmp_path, capsys):
+    from data_helpers import data_config, make_photo_tree
+    from simmim_fast.cli import main
+    from simmim_fast.data import PretrainLoader
+    root = tmp_path / "ds"
+    make_photo_tree(root / "photos", 6, max_side=96)
+    bad = _jpegs_with_decoder_warnings(root / "odd")
+    assert main(["scan", str(root), "--cache-dir", str(tmp_path / "c0"), "--check", "decode", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 corrupt JPEG data" in out and all(f"{p}: corrupt JPEG data" in out for p in bad), out
+    backends = ["torch"]
+    try:
+        from simmim_fast.data.dali_loader import import_dali
+        import_dali()
+        backends.append("dali_cpu")
+    except ImportError:
+        pass
+    for backend in backends:
+        loader = PretrainLoader(data_config(root, tmp_path / backend, backend=backend, max_skipped_fraction=0.5))
+        try:
+            unusable = {str(loader.index.paths[i]) for i in loader.index.bad}
+            assert unusable == {str(p) for p in bad}, (backend, unusable)
+            for _ in loader.epoch(0):
+                pass
+            assert loader.stats()["unusable_files"] == 2  # nothing else found during the epoch
+        finally:
+            loader.close()

@@ -33,6 +33,7 @@ from .transforms import load_rgb
 from ..errors import UserError
 
 __all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "PathTable", "check_image_file",
+           "jpeg_stream_problem",
            "build_index", "default_cache_dir", "FileResolver"]
 
 log = logging.getLogger("simmim_fast.data")
@@ -42,7 +43,7 @@ CHECKS = {"header": 1, "decode": 2}
 # PIL format names of what nvImageCodec (the DALI decoders) reads; MPO is a multi-picture JPEG.
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"}
 _TAIL_BYTES = 16384
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the strict JPEG stream check (corrupt entropy-coded data)
 
 
 @dataclass
@@ -89,6 +90,37 @@ def _array_header(path: Path) -> Optional[FileCheck]:
     return FileCheck(int(w), int(h), CONVERT, "", f"{what} {tuple(shape)} (torch backend only)")
 
 
+_warned_no_simplejpeg = False
+
+
+def jpeg_stream_problem(path: str | os.PathLike) -> Optional[str]:
+    """What libjpeg-turbo reports for a JPEG's entropy-coded data, or None if it decodes without a word.
+
+    Decoders treat damaged JPEG data differently: PIL raises for some damage, libjpeg (DALI's CPU decoder,
+    OpenCV) only warns ("Corrupt JPEG data: premature end of data segment") and returns a damaged or
+    grey-filled image, and a cut file with an end-of-image marker appended passes every decoder. One rule
+    for every backend: a JPEG whose data makes libjpeg-turbo warn is corrupt. The check decodes in strict
+    mode (warnings raise) at 1/8 scale to grey: the whole entropy-coded stream is read, the IDCT and
+    colour work mostly skipped. Without the simplejpeg package it is skipped, with one warning."""
+    global _warned_no_simplejpeg
+    try:
+        import simplejpeg
+    except ImportError:
+        if not _warned_no_simplejpeg:
+            _warned_no_simplejpeg = True
+            log.warning("data: simplejpeg is not installed (pip install simplejpeg): JPEGs whose data makes the "
+                        "decoder warn are not found before training")
+        return None
+    data = Path(path).read_bytes()
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY", fastdct=True,
+                               fastupsample=True, min_height=1, min_width=1, min_factor=8, strict=True)
+    except ValueError as e:
+        return str(e).strip() or type(e).__name__
+    return None
+
+
 def check_image_file(path: str | os.PathLike, check: str = "header") -> FileCheck:
     """Check one file (never raises for a bad file: the reason is in the result)."""
     from PIL import Image, UnidentifiedImageError
@@ -118,6 +150,10 @@ def check_image_file(path: str | os.PathLike, check: str = "header") -> FileChec
         return FileCheck(reason=f"image has no pixels ({w}x{h})")
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return FileCheck(w, h, BAD, "truncated JPEG (no end-of-image marker)")
+    if fmt in ("JPEG", "MPO"):  # every check level: the index decides for every backend alike
+        problem = jpeg_stream_problem(path)
+        if problem is not None:
+            return FileCheck(w, h, BAD, f"corrupt JPEG data (libjpeg-turbo: {problem})")
     if fmt == "PNG" and b"IEND" not in tail[-64:]:
         return FileCheck(w, h, BAD, "truncated PNG (no IEND chunk)")
     if check == "decode":
