@@ -11,7 +11,10 @@ sample, one bad file kills the whole batch. The index holds, per file:
 
 Checks: 'header' (default) opens the header with PIL and checks that a JPEG ends with its
 end-of-image marker and a PNG with its IEND chunk (a cut-off download decodes "fine" in libjpeg,
-grey-filled, so the marker check is what keeps it out); 'decode' decodes every file in full.
+grey-filled, so the marker check is what keeps it out), and decodes every JPEG's entropy-coded data
+with libjpeg-turbo in strict mode (``jpeg_stream_problem``: decoder warnings count as corrupt, the one
+rule that lets every backend skip the same files); 'decode' also decodes every file in full with PIL.
+A broken symbolic link is unusable ('broken link').
 The result is cached under data.cache_dir, keyed by the dataset path, and reused for every file
 whose size and modification time are unchanged.
 """

@@ -212,9 +212,12 @@ def find_resumable(root: Union[str, os.PathLike]) -> Tuple[Optional[Path], List[
         return None, [], None
     tags = sorted((d.name for d in root.iterdir() if d.is_dir() and _TAG.match(d.name)), key=_step_of, reverse=True)
     latest = _latest_tag(root)
+    problems: List[str] = []
     if latest is not None and (root / latest).is_dir():
         tags = [t for t in tags if _step_of(t) <= _step_of(latest)]
-    problems: List[str] = []
+    elif (root / "latest").exists():  # it names nothing usable: say so, then try the older ones
+        problems.append(f"{root / 'latest'} names {latest or 'nothing readable'!r}, which is not a complete "
+                        f"checkpoint" + (f" ({root / latest} does not exist)" if latest else ""))
     for tag in tags:
         try:
             note = verify_checkpoint(root / tag)
