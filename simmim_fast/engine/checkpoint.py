@@ -303,8 +303,10 @@ class CheckpointManager:
             except OSError as e:
                 failed = e
         self.barrier()
-        if failed is None and (tmp / "rng").is_dir():
+        if failed is None:
             try:
+                if not (tmp / "rng").is_dir():  # rank 0 made it before the barrier: a shared file system is needed
+                    raise FileNotFoundError(errno.ENOENT, "checkpoint folder not visible on this rank", str(tmp))
                 write_engine_state(tmp)
                 torch.save(capture_rng(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
             except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
