@@ -170,7 +170,7 @@ def test_nan_skip_shows_skipped_steps_and_writes_strict_json(tmp_path, capsys, o
 # ------------------------------------------------------------------ tools and data: one error line each
 def _one_error_line(capsys, argv):
     from simmim_fast.cli import main
-    assert main(argv) == 2, argv
+    assert main(argv) == 2, (argv, capsys.readouterr())
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
     return err
@@ -179,6 +179,7 @@ def _one_error_line(capsys, argv):
 def test_tools_bad_input_is_one_error_line(reference, tmp_path, capsys):
     from PIL import Image
 
+    from simmim_fast.cli import main
     from simmim_fast.data.samples import sample_photo_paths
     out = str(reference[0])
     (tmp_path / "empty").mkdir()
@@ -202,6 +203,12 @@ def test_tools_bad_input_is_one_error_line(reference, tmp_path, capsys):
                                                 str(mask), str(mask)] + combined)
     assert "--snap-size" in _one_error_line(capsys, ["visualize", out, "--images", photo, "--mask", str(mask),
                                                      "--snap-size", "7"] + combined)
+    assert main(["export", out, "-o", str(tmp_path / "w")]) == 0
+    capsys.readouterr()
+    for suffix in (".pth", ".safetensors"):  # a truncated state file
+        _truncate(tmp_path / f"w{suffix}")
+        assert f"w{suffix}" in _one_error_line(capsys, ["visualize", str(tmp_path / f"w{suffix}"), "--config",
+                                                        str(reference[0] / "config.json")] + combined)
 
 
 def test_exports_follow_the_umask(reference, tmp_path, capsys):
