@@ -99,8 +99,8 @@ _warned_no_simplejpeg = False
 def jpeg_stream_problem(path: str | os.PathLike) -> Optional[str]:
     """What libjpeg-turbo reports for a JPEG's entropy-coded data, or None if it decodes without a word.
 
-    Decoders treat damaged JPEG data differently: PIL raises for some damage, libjpeg (DALI's CPU decoder,
-    OpenCV) only warns ("Corrupt JPEG data: premature end of data segment") and returns a damaged or
+    Decoders treat damaged JPEG data differently: PIL raises for some damage, libjpeg (DALI's CPU decoder)
+    only warns ("Corrupt JPEG data: premature end of data segment") and returns a damaged or
     grey-filled image, and a cut file with an end-of-image marker appended passes every decoder. One rule
     for every backend: a JPEG whose data makes libjpeg-turbo warn is corrupt. The check decodes in strict
     mode (warnings raise) at 1/8 scale to grey: the whole entropy-coded stream is read, the IDCT and
