@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.6",
         "tensorboard>=2.12",
         "safetensors>=0.4",
+        "simplejpeg>=1.6",  # libjpeg-turbo in strict mode: the corrupt-JPEG check every backend shares
         "tqdm>=4.60",
     ],
     entry_points={"console_scripts": ["simmim-fast = simmim_fast.cli:main"]},

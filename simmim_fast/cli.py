@@ -13,11 +13,13 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_USAGE, RunStopped, UserError
 
-__all__ = ["COMMANDS", "add_config_arguments", "add_weights_arguments", "add_job_arguments", "run_main", "main"]
+__all__ = ["COMMANDS", "add_config_arguments", "add_weights_arguments", "add_job_arguments", "run_main", "main",
+           "output_location"]
 
 # name -> (module, one-line help). Add a tool by adding a line here.
 COMMANDS = {
@@ -68,14 +70,42 @@ def add_job_arguments(parser: argparse.ArgumentParser, config_help: str = "confi
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def output_location(path, what: str = "output") -> Path:
+    """``path`` with its parent folder created: a UserError naming the path if that is impossible (a file
+    in the way, no permission), so a tool fails before its heavy work, not after it."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the {what} {path}: {e.strerror or e} ({e.filename or path.parent}); "
+                        f"choose another path") from None
+    if path.is_dir() and what != "output folder":
+        raise UserError(f"cannot write the {what} {path}: it is a folder")
+    return path
+
+
 def run_main(fn: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
-    """``fn(args)``, with a UserError turned into one ``error:`` line (rank 0 only) and exit status 2."""
+    """``fn(args)``, with a UserError turned into one ``error:`` line (rank 0 only) and exit status 2, and a
+    stopped run (``RunStopped``: non-finite loss, signal) into its one line and its exit status."""
     try:
         return int(fn(args) or 0)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except RunStopped as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{e.prefix}{_one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except OSError as e:  # a file the user named or an output place that fails: the environment, not a bug
+        if int(os.environ.get("RANK", 0)) == 0:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            print(f"error: {e.strerror or _one_line(e)}{where}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,8 +87,19 @@ def _unwrap(obj: dict, path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[di
 
 
 def read_state_file(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
-    """(tensors, stored config data or None) of a .safetensors / .pt / .pth / .bin state file."""
-    path = Path(path)
+    """(tensors, stored config data or None) of a .safetensors / .pt / .pth / .bin state file; a file that
+    cannot be read (truncated, not a state file) is a UserError naming it."""
+    try:
+        return _read_state_file(Path(path))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load / safetensors report damage as many exception types
+        text = str(e).strip().splitlines()
+        raise UserError(f"{path} cannot be read as a state file (truncated or damaged?): {type(e).__name__}: "
+                        f"{text[-1] if text else ''}") from None
+
+
+def _read_state_file(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file

@@ -135,14 +135,15 @@ def test_bad_files_skipped_counted_and_logged(backend, workers, mixed, tmp_path,
         expected = {str(p) for n, p in odd.items() if n.startswith(("bad_", "deep_"))}
         assert rec["skipped"] == 5 and set(skipped) == expected
         assert "truncated JPEG" in skipped[str(odd["bad_truncated"])]
-        assert "decode failed" in skipped[str(odd["deep_huffman"])]
+        assert "corrupt JPEG data" in skipped[str(odd["deep_huffman"])]  # the index's JPEG stream check
+        assert "decode failed" in skipped[str(odd["deep_idat"])]
         assert not {r["stand_in"] for r in rec["files"]} & expected
     assert loader.stats()["unusable_files"] == 5
     assert "epoch 1 rank 0 (whole epoch): 5 undecodable files skipped" in caplog.text
-    assert "3 of 28 files cannot be used" in caplog.text  # the index knew 3; decoding found 2 more
+    assert "4 of 28 files cannot be used" in caplog.text  # the index knew 4; decoding found 1 more
     log = (tmp_path / "run" / "data_skipped_rank0.tsv").read_text().splitlines()
     assert log[0].startswith("epoch\tbatch\tpath") and len(log) == 1 + 2 * 5
-    assert len((tmp_path / "run" / "data_bad_files.tsv").read_text().splitlines()) == 1 + 3
+    assert len((tmp_path / "run" / "data_bad_files.tsv").read_text().splitlines()) == 1 + 4
     resumed, _ = _epoch(cfg, epoch=1, start_batch=3)  # a fresh loader finds the same bad files, same batches
     assert all(torch.equal(a, b) for a, b in zip(batches[3:], (x for x, _ in resumed)))
     loader.close()
@@ -230,7 +231,7 @@ def test_too_many_bad_files_refused(tmp_path):
     root = tmp_path / "ds"
     make_photo_tree(root / "a", 6)
     make_odd_files(root / "b")
-    with pytest.raises(ValueError, match=r"3 of 22 files .* more than data.max_skipped_fraction = 0.1"):
+    with pytest.raises(ValueError, match=r"4 of 22 files .* more than data.max_skipped_fraction = 0.1"):
         PretrainLoader(data_config(root, tmp_path, max_skipped_fraction=0.1))
     shutil.rmtree(root / "b")
     (root / "b").mkdir()

@@ -12,21 +12,21 @@ def test_scan_reports_and_caches(tmp_path, capsys):
     listing = tmp_path / "skipped.tsv"
     assert main(["scan", str(root), "--cache-dir", str(cache), "--workers", "2", "--list", str(listing)]) == 0
     out = capsys.readouterr().out
-    assert "scanned 22 files" in out and "usable: 19" in out and "would skip: 3 (13.64%)" in out
-    for line in ("1 truncated JPEG", "1 empty file", "1 not an image", "2 16-bit PNG", "1 CMYK",
+    assert "scanned 22 files" in out and "usable: 18" in out and "would skip: 4 (18.18%)" in out
+    for line in ("1 truncated JPEG", "1 empty file", "1 not an image", "1 corrupt JPEG data", "2 16-bit PNG", "1 CMYK",
                  "1 GIF (DALI reads a PNG copy)", "1 RGBA (alpha dropped)", "training would refuse to start"):
         assert line in out, line
     assert f"{odd['bad_truncated']}: truncated JPEG (no end-of-image marker)" in out
     rows = listing.read_text().splitlines()
-    assert rows[0] == "path\treason" and len(rows) == 4
+    assert rows[0] == "path\treason" and len(rows) == 5
     # The loader takes the scan's index from the cache instead of checking the files again.
     loader = PretrainLoader(data_config(root, tmp_path, max_skipped_fraction=0.5))
-    assert loader.index.checked == 0 and len(loader.index.bad) == 3
+    assert loader.index.checked == 0 and len(loader.index.bad) == 4
 
     assert main(["scan", str(root), "--cache-dir", str(cache), "--workers", "2", "--check", "decode",
                  "--strict", "--show", "1"]) == 1
     out = capsys.readouterr().out
-    assert "would skip: 5" in out and "2 decode failed" in out and "... and 4 more" in out
+    assert "would skip: 5" in out and "1 decode failed" in out and "... and 4 more" in out
 
     assert main(["scan", str(root / "photos"), "--cache-dir", str(cache), "--strict"]) == 0
     assert "would skip: 0" in capsys.readouterr().out

@@ -64,8 +64,11 @@ def test_bad_resume(capsys, tmp_path):
            "already holds checkpoints")
     # a complete checkpoint of another model: refused before anything starts, naming the key
     from simmim_fast.engine.checkpoint import CheckpointManager
+    def payload(d):  # the files a torch-mode backend writes
+        (d / "model.pt").write_bytes(b"")
+        (d / "optimizer.pt").write_bytes(b"")
     CheckpointManager(tmp_path / "o3", 0, 2, lambda: None).save(
-        5, load_config(TINY, overrides=["model.embed_dim=48"]), {"state": {}}, lambda d: None)
+        5, load_config(TINY, overrides=["model.embed_dim=48"]), {"state": {"step": 5}}, payload)
     _fails(capsys, ["--config", TINY, "--output-dir", str(tmp_path / "o3")], "model.embed_dim: checkpoint 48, now 32")
 
 

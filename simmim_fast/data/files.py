@@ -18,6 +18,12 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def _is_file_or_broken_link(p: Path) -> bool:
+    """A file, or a symlink whose target is gone: listed, so the index reports it ('broken link'), never
+    dropped without a word."""
+    return p.is_file() or (p.is_symlink() and not p.exists())
+
+
 def detect_layout(path: Path) -> str:
     """'webdataset' for a shard folder or manifest, 'filelist' for another file, 'imagefolder' for a folder
     whose entries are only sub-folders, else 'flat'."""
@@ -68,9 +74,9 @@ def list_images(path: Optional[str], layout: str = "auto", cache_dir: Optional[s
         if not root.is_dir():
             raise UserError(f"data.layout is '{layout}' but data.path {root} is not a folder")
         pattern = "*/*" if layout == "imagefolder" else "*"
-        paths = [p for p in root.glob(pattern) if p.is_file() and _is_image(p)]
+        paths = [p for p in root.glob(pattern) if _is_file_or_broken_link(p) and _is_image(p)]
         if layout == "imagefolder":  # also accept nested class folders
-            paths += [p for p in root.glob("*/*/**/*") if p.is_file() and _is_image(p)]
+            paths += [p for p in root.glob("*/*/**/*") if _is_file_or_broken_link(p) and _is_image(p)]
     paths = sorted(set(paths))
     if not paths:
         raise UserError(f"no images found in data.path {root} (layout {layout}; extensions "

@@ -11,7 +11,10 @@ sample, one bad file kills the whole batch. The index holds, per file:
 
 Checks: 'header' (default) opens the header with PIL and checks that a JPEG ends with its
 end-of-image marker and a PNG with its IEND chunk (a cut-off download decodes "fine" in libjpeg,
-grey-filled, so the marker check is what keeps it out); 'decode' decodes every file in full.
+grey-filled, so the marker check is what keeps it out), and decodes every JPEG's entropy-coded data
+with libjpeg-turbo in strict mode (``jpeg_stream_problem``: decoder warnings count as corrupt, the one
+rule that lets every backend skip the same files); 'decode' also decodes every file in full with PIL.
+A broken symbolic link is unusable ('broken link').
 The result is cached under data.cache_dir, keyed by the dataset path, and reused for every file
 whose size and modification time are unchanged.
 """
@@ -34,6 +37,7 @@ from .webdataset import Member, MemberTable, open_source, source_suffix
 from ..errors import UserError
 
 __all__ = ["OK", "CONVERT", "BAD", "CHECKS", "FileCheck", "ImageIndex", "PathTable", "check_image_file",
+           "jpeg_stream_problem",
            "build_index", "default_cache_dir", "FileResolver"]
 
 log = logging.getLogger("simmim_fast.data")
@@ -45,7 +49,7 @@ DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"}
 _TAIL_BYTES = 16384
 ARRAY_SUFFIXES = (".npy", ".tif", ".tiff")  # read by numpy / tifffile when bands are kept as stored
 TORCH_ONLY = "(torch backend only)"  # the note of files only the torch backend reads
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the strict JPEG stream check (corrupt entropy-coded data)
 
 
 @dataclass
@@ -99,6 +103,38 @@ def _array_header(path, channels: int) -> Optional[FileCheck]:
     return FileCheck(w, h, CONVERT, "", f"{what} {shape} {dtype} {TORCH_ONLY}")
 
 
+_warned_no_simplejpeg = False
+
+
+def jpeg_stream_problem(path) -> Optional[str]:
+    """What libjpeg-turbo reports for a JPEG's entropy-coded data, or None if it decodes without a word.
+
+    Decoders treat damaged JPEG data differently: PIL raises for some damage, libjpeg (DALI's CPU decoder)
+    only warns ("Corrupt JPEG data: premature end of data segment") and returns a damaged or
+    grey-filled image, and a cut file with an end-of-image marker appended passes every decoder. One rule
+    for every backend: a JPEG whose data makes libjpeg-turbo warn is corrupt. The check decodes in strict
+    mode (warnings raise) at 1/8 scale to grey: the whole entropy-coded stream is read, the IDCT and
+    colour work mostly skipped. Without the simplejpeg package it is skipped, with one warning."""
+    global _warned_no_simplejpeg
+    try:
+        import simplejpeg
+    except ImportError:
+        if not _warned_no_simplejpeg:
+            _warned_no_simplejpeg = True
+            log.warning("data: simplejpeg is not installed (pip install simplejpeg): JPEGs whose data makes the "
+                        "decoder warn are not found before training")
+        return None
+    with open_source(path) as f:  # a file or a shard member
+        data = f.read()
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace in ("CMYK", "YCCK") else "GRAY", fastdct=True,
+                               fastupsample=True, min_height=1, min_width=1, min_factor=8, strict=True)
+    except ValueError as e:
+        return str(e).strip() or type(e).__name__
+    return None
+
+
 def check_image_file(path, check: str = "header", channels: Optional[int] = None) -> FileCheck:
     """Check one file or shard member (never raises for a bad file: the reason is in the result).
 
@@ -112,6 +148,8 @@ def check_image_file(path, check: str = "header", channels: Optional[int] = None
             return FileCheck(reason="member missing from damaged shard (its tar header is unreadable)")
     else:
         path = Path(path)
+        if path.is_symlink() and not path.exists():
+            return FileCheck(reason=f"broken link (to {os.readlink(path)})")
     try:
         size = path.size if isinstance(path, Member) else path.stat().st_size
         if size == 0:
@@ -139,6 +177,10 @@ def check_image_file(path, check: str = "header", channels: Optional[int] = None
         return FileCheck(w, h, BAD, f"{pil_channels(mode)} channels, model.in_chans is {channels}")
     if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
         return FileCheck(w, h, BAD, "truncated JPEG (no end-of-image marker)")
+    if fmt in ("JPEG", "MPO"):  # every check level: the index decides for every backend alike
+        problem = jpeg_stream_problem(path)
+        if problem is not None:
+            return FileCheck(w, h, BAD, f"corrupt JPEG data (libjpeg-turbo: {problem})")
     if fmt == "PNG" and b"IEND" not in tail[-64:]:
         return FileCheck(w, h, BAD, "truncated PNG (no IEND chunk)")
     if check == "decode":

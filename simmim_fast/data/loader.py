@@ -28,7 +28,7 @@ from .files import list_images
 from .index import BAD, CONVERT, TORCH_ONLY, ImageIndex, build_index, default_cache_dir
 from .plan import Planner, epoch_order
 
-__all__ = ["PretrainLoader", "epoch_order", "load_index"]
+__all__ = ["PretrainLoader", "epoch_order", "load_index", "check_usable"]
 
 log = logging.getLogger("simmim_fast.data")
 
@@ -57,14 +57,31 @@ def band_channels(cfg: Config) -> Optional[int]:
     return None if cfg.model.in_chans == 3 and cfg.data.value_range is None else cfg.model.in_chans
 
 
+def check_usable(index: ImageIndex, cfg: Config) -> None:
+    """Refuse a dataset of which more than data.max_skipped_fraction cannot be used (UserError naming a few
+    files and the count): a wrong path or a folder of unreadable files, caught before training starts."""
+    d = cfg.data
+    bad = index.bad
+    limit = d.max_skipped_fraction
+    if len(bad) > limit * len(index):
+        where = f"data.path = {d.path}" if d.path is not None else "the scikit-image sample photos"
+        shown = "; ".join(f"{index.paths[i]} ({index.reasons[int(i)]})" for i in bad[:3])
+        raise UserError(
+            f"{len(bad)} of {len(index)} files in {where} cannot be used, more than data.max_skipped_fraction = "
+            f"{limit}: {shown}{' ...' if len(bad) > 3 else ''}. Run `simmim-fast scan {d.path or ''}` for the full "
+            f"list, fix or remove them, or raise data.max_skipped_fraction")
+
+
 def _cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
 
 class PretrainLoader:
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 log_dir: Optional[str | Path] = None, paths: Optional[List[Path]] = None):
-        """``paths``: the dataset's files when the caller has listed them already (``list_images``)."""
+                 log_dir: Optional[str | Path] = None, paths: Optional[List[Path]] = None,
+                 index: Optional[ImageIndex] = None):
+        """``paths``: the dataset's files when the caller has listed them already (``list_images``);
+        ``index``: their checked index when the caller has built it already (``load_index``)."""
         d, m = cfg.data, cfg.model
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise UserError(f"world_size must be a positive int, got {world_size!r}")
@@ -105,7 +122,7 @@ class PretrainLoader:
         if d.backend in ("dali", "dali_cpu"):
             from .dali_loader import import_dali
             import_dali()  # fail now, naming the missing package, not after the file check
-        self.index = load_index(cfg, paths=paths)
+        self.index = load_index(cfg, paths=paths) if index is None else index
         if d.backend in ("dali", "dali_cpu"):
             arrays = [i for i, note in self.index.notes.items() if TORCH_ONLY in note and self.index.status[i] != BAD]
             if arrays:
@@ -155,12 +172,7 @@ class PretrainLoader:
                     f.write("path\treason\n")
                     for i in bad:
                         f.write(f"{idx.paths[i]}\t{idx.reasons[int(i)]}\n")
-        limit = d.max_skipped_fraction
-        if len(bad) > limit * len(idx):
-            raise UserError(
-                f"{len(bad)} of {len(idx)} files in {where} cannot be used, more than data.max_skipped_fraction "
-                f"= {limit}; first: {idx.paths[bad[0]]} ({idx.reasons[int(bad[0])]}). Run `simmim-fast scan "
-                f"{d.path or ''}` for the full list, fix or remove them, or raise data.max_skipped_fraction")
+        check_usable(idx, self.cfg)
 
     # ---------------------------------------------------------------------------------------
     def _generator(self, epoch: int, step: int, stream: int) -> torch.Generator:

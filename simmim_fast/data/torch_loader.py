@@ -7,6 +7,7 @@ the same stand-in order the planner uses, so the batch is the one every backend 
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
@@ -64,6 +65,14 @@ class PretrainImageDataset(Dataset):
         return turn(x, *views.turns(0)), file, failures
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: the training process handles them (finishes the step,
+    saves a checkpoint) and needs its workers until then; Ctrl-C and SLURM signal every process of the job,
+    workers included. Workers still exit when the training process does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(items):
     images = torch.stack([it[0] for it in items])
     files = np.array([it[1] for it in items], dtype=np.int64)
@@ -94,7 +103,7 @@ class TorchDataBackend:
         loader = DataLoader(self.dataset, batch_size=self.planner.batch_size, sampler=items,
                             num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
                             generator=torch.Generator(),
-                            collate_fn=_collate, persistent_workers=False,
+                            collate_fn=_collate, persistent_workers=False, worker_init_fn=_ignore_stop_signals,
                             prefetch_factor=4 if self.num_workers > 0 else None)
         for step, (images, files, failures) in zip(steps, loader):
             for file, reason in failures:  # workers found these: plan later steps without them

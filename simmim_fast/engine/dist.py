@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["DistInfo", "dist_env", "init_distributed", "barrier", "shutdown", "set_cpu_threads"]
+__all__ = ["DistInfo", "dist_env", "init_distributed", "barrier", "shutdown", "set_cpu_threads", "RankAgreement"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,27 @@ def shutdown() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+class RankAgreement:
+    """The maximum of one small integer over all ranks, on the host: ``agree(value) -> max over ranks``.
+
+    Used once per optimiser step for the stop flag (the signal number a rank received, 0 if none), so that
+    every rank stops after the same step even when only some of them got the signal, and when a checkpoint
+    save failed on some ranks. It runs on a gloo group of CPU tensors: no device synchronisation, whatever
+    the training backend (NCCL all-reduces of a CUDA tensor would make the host wait for the GPU)."""
+
+    def __init__(self, world_size: int):
+        self.group = None
+        if world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized():
+            self.group = torch_dist.new_group(backend="gloo")  # collective: every rank creates it, in order
+
+    def __call__(self, value: int) -> int:
+        if self.group is None:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+    def any(self, flag: bool) -> bool:
+        return self(int(bool(flag))) > 0

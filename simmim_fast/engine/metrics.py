@@ -3,6 +3,7 @@ experiment trackers (W&B, MLflow), loss-curve PNG."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -63,7 +64,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "", loss_la
 # Keys of a step record: the training scalars (TensorBoard tags train/<key>) and the bookkeeping that is not
 # plotted; any other number in a record (an on_step callback's, e.g. probe/knn_top1) is plotted under its own name.
 TRAIN_SCALARS = ("loss", "lr", "img_per_s", "grad_norm")
-BOOKKEEPING = ("step", "epoch", "skipped_steps", "samples", "time")
+BOOKKEEPING = ("step", "epoch", "skipped", "skipped_now", "skipped_steps", "samples", "time")
 
 
 def record_scalars(rec: Dict[str, Any]) -> Dict[str, float]:
@@ -109,8 +110,9 @@ class MetricsLogger:
         """One record per logged step: step, epoch, loss, lr, img_per_s, grad_norm, skipped_steps, time."""
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        with open(self.jsonl, "a") as f:  # strict JSON: a non-finite number is written as null
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         scalars = record_scalars(rec)
         if self.tb is not None:
             for tag, value in scalars.items():
@@ -144,17 +146,22 @@ class MetricsLogger:
         if not self.enabled:
             return
         eta = format_eta(sec_per_step * (self.total_steps - step))
+        # rec['loss']: the mean of the finite losses since the last line, None if every step was skipped
+        loss = "loss skipped" if rec["loss"] is None else f"loss {rec['loss']:.4f}"
+        if rec.get("skipped_now") and rec["loss"] is not None:
+            loss += f" ({rec['skipped_now']} skipped)"
         if self.bar is not None:
             self.bar.n = step
             extra = "".join(f" {k} {v:.4g}" for k, v in record_scalars(rec).items() if not k.startswith("train/"))
-            self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s"
+            self.bar.set_postfix_str(f"{loss} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s"
                                      f"{extra} ETA {eta}", refresh=True)
         else:
             gn = rec.get("grad_norm")
             extra = "".join(f" {k} {v:.4g}" for k, v in record_scalars(rec).items() if not k.startswith("train/"))
-            print(f"[{self.name}] step {step}/{self.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} "
+            print(f"[{self.name}] step {step}/{self.total_steps} epoch {rec['epoch']} {loss} "
                   f"lr {rec['lr']:.3e} {rec['img_per_s']:.1f} img/s"
-                  + (f" grad_norm {gn:.3f}" if gn is not None else "")
+                  + (f" grad_norm {gn:.3f}" if gn is not None and math.isfinite(gn) else
+                     " grad_norm non-finite" if gn is not None else "")
                   + (f" skipped {rec['skipped_steps']}" if rec.get("skipped_steps") else "") + extra + f" ETA {eta}",
                   flush=True)
 

@@ -11,9 +11,12 @@ owns everything from the process group to the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import uuid
 from dataclasses import dataclass
@@ -26,15 +29,17 @@ from ..config import Config
 from ..errors import UserError
 from ..typed_config import config_to_dict
 from .backends import build_backend
-from .checkpoint import CheckpointError, CheckpointManager, read_trainer_state, resolve_checkpoint
-from .dist import DistInfo, barrier, init_distributed, set_cpu_threads, shutdown
+from .checkpoint import (CheckpointError, CheckpointManager, find_resumable, read_trainer_state, resolve_checkpoint,
+                         verify_checkpoint)
+from .dist import DistInfo, RankAgreement, barrier, init_distributed, set_cpu_threads, shutdown
 from .ds_config import resolve_precision
 from .metrics import MetricsLogger
 from .schedule import LRSchedule
 from .trackers import build_trackers, check_tracker_packages
 from .trainer import TrainState, Trainer
 
-__all__ = ["RunContext", "prepare", "resolve_resume", "run", "gathered", "setup_logging"]
+__all__ = ["RunContext", "prepare", "resolve_resume", "run", "gathered", "setup_logging", "lock_output_dir",
+           "release_output_dir", "LOCK_FILE"]
 
 # Config sections that fix the model a checkpoint holds: resuming with others is refused.
 MODEL_SECTIONS = ("model", "mask")
@@ -54,6 +59,47 @@ class RunContext:
     total_steps: int = 0
 
 
+LOCK_FILE = "run.lock"
+_LOCKS = {}  # resolved output dir -> fd of the lock this process holds on it
+
+
+def lock_output_dir(out: Path) -> None:
+    """Refuse a second run on the same output dir while one is running (UserError naming the holder).
+
+    Global rank 0 holds an exclusive ``flock`` on ``<out>/run.lock`` for the whole run; the kernel drops it
+    when the process ends, however it ends (kill -9 included), so a lock file left by a dead run is simply
+    taken over. File systems without flock support (some network mounts) get a warning, no lock."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"output dir {out} is in use by another run ({holder}, holding {path}); wait for it to "
+                            f"end, or choose another --output-dir") from None
+        os.close(fd)
+        _warn(f"cannot lock {path} ({e.strerror}): this file system does not support flock, so a second run on "
+              f"the same output dir is not refused")
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _LOCKS[key] = fd
+
+
+def release_output_dir(out: Path) -> None:
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -64,22 +110,41 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"output dir {out} is not writable: {e.strerror or e}; choose another --output-dir") from None
 
 
+def _warn(text: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 def resolve_resume(resume: str, out: Path, cfg: Config, model_sections: Sequence[str] = MODEL_SECTIONS
                    ) -> Optional[Path]:
-    """The checkpoint to resume from ('auto', 'none' or a path), or None; refuses a checkpoint of another model."""
+    """The checkpoint to resume from ('auto', 'none' or a path), or None; refuses a checkpoint of another model.
+
+    'auto' verifies the checkpoint it picks (checkpoint.verify_checkpoint) and falls back to the newest one
+    that passes, with a warning naming what was wrong with each newer one; none passing is an error. An
+    explicit path that fails verification is an error naming the bad file."""
     ckpt_root = out / "checkpoints"
     if resume == "none":
         if (ckpt_root / "latest").is_file():
             raise UserError(f"--resume none, but {out} already holds checkpoints; use --resume auto to continue, "
                             f"or another --output-dir")
         return None
+    note = None
     try:
         if resume == "auto":
-            path = resolve_checkpoint(ckpt_root) if (ckpt_root / "latest").is_file() else None
+            path, problems, note = find_resumable(ckpt_root)
+            if path is None and problems:
+                raise UserError(f"no usable checkpoint in {ckpt_root}: " + "; ".join(problems)
+                                + ". Restore the files, resume from elsewhere with --resume PATH, or start over "
+                                  "with --resume none and another --output-dir")
+            for problem in problems:
+                _warn(f"skipping checkpoint {problem}; resuming from {path.name} instead")
         else:
-            path = resolve_checkpoint(resume)
+            path = resolve_checkpoint(resume, verify=False)
+            note = verify_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as e:
         raise UserError(f"--resume {resume}: {e}") from None
+    if note:
+        _warn(note)
     if path is not None:
         _check_same_model(cfg, path, model_sections)
     return path
@@ -117,7 +182,12 @@ def prepare(cfg: Config, output_dir: Optional[str], resume: str) -> Tuple[Path, 
                             "mode with fp32 weights (DeepSpeed skips non-finite updates only inside its ZeRO and "
                             "half-precision optimisers); set engine.zero_stage=1 or engine.mode=torch")
     check_tracker_packages(cfg)
-    return out, resolve_resume(resume, out, cfg), precision
+    lock_output_dir(out)  # released by run(), or here if resuming is refused
+    try:
+        return out, resolve_resume(resume, out, cfg), precision
+    except BaseException:
+        release_output_dir(out)
+        raise
 
 
 def gathered(module: torch.nn.Module, cfg: Config):
@@ -171,7 +241,8 @@ def run(cfg: Config, out: Path, resume_path: Optional[Path], precision: str, *,
                             f"fewer than one optimiser step needs ({ctx.backend.accumulation}); lower "
                             f"train.global_batch_size / train.micro_batch_size or add images")
         schedule = LRSchedule.from_config(cfg.train, ctx.steps_per_epoch)
-        checkpoints = CheckpointManager(out, dist.rank, cfg.checkpoint.keep_last, barrier)
+        agree = RankAgreement(dist.world_size)
+        checkpoints = CheckpointManager(out, dist.rank, cfg.checkpoint.keep_last, barrier, any_rank=agree.any)
         checkpoints.clean_partial()
         ctx.total_steps = cfg.train.epochs * ctx.steps_per_epoch
         if cfg.train.max_steps is not None:
@@ -188,7 +259,8 @@ def run(cfg: Config, out: Path, resume_path: Optional[Path], precision: str, *,
             nan_policy=cfg.train.nan_policy, max_skipped_steps=cfg.train.max_skipped_steps, checkpoints=checkpoints,
             checkpoint_every=cfg.checkpoint.every_steps, save_at_end=cfg.checkpoint.save_at_end, logger=ctx.logger,
             print_every=cfg.logging.print_every, world_size=dist.world_size, config=cfg,
-            loss_curve=cfg.logging.loss_curve, on_step=on_step(ctx) if on_step is not None else None)
+            loss_curve=cfg.logging.loss_curve, on_step=on_step(ctx) if on_step is not None else None,
+            agree=agree, rank=dist.rank)
         state = None
         if resume_path is not None:
             state = trainer.resume(resume_path, dist.rank)
@@ -206,6 +278,7 @@ def run(cfg: Config, out: Path, resume_path: Optional[Path], precision: str, *,
         if ctx.loader is not None:
             ctx.loader.close()
         shutdown()
+        release_output_dir(out)
 
 
 def _announce(ctx: RunContext, threads: int, describe) -> None:

@@ -16,6 +16,10 @@ the same on every rank (the flush all-reduces the losses).
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -23,16 +27,55 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as torch_dist
 
-from .checkpoint import CheckpointManager, read_trainer_state, restore_rng
+from .checkpoint import CheckpointError, CheckpointManager, read_trainer_state, restore_rng, tag_for_step
 from .metrics import MetricsLogger, plot_loss_curve
 from .schedule import LRSchedule
-from ..errors import UserError
+from ..errors import EXIT_NONFINITE, RunStopped, UserError, exit_code_for_signal
 
-__all__ = ["TrainState", "Trainer", "NonFiniteLossError"]
+__all__ = ["TrainState", "Trainer", "NonFiniteLossError", "StopSignals"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunStopped, RuntimeError):
+    """Training stopped on a non-finite loss (exit status EXIT_NONFINITE); the message names the step, the last
+    checkpoint and what to try."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_NONFINITE)
+
+
+class StopSignals:
+    """While training: the first SIGTERM or SIGINT is remembered (``signum``), so the loop can finish the
+    current optimiser step, save and stop; a second SIGINT (Ctrl-C twice) exits at once, saving nothing.
+    Handlers can only be installed from the main thread; elsewhere signals keep their default action."""
+
+    def __init__(self, rank: int = 0):
+        self.signum = 0
+        self.rank = rank
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            print(f"[rank {self.rank}] second interrupt: exiting at once, without saving a checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(exit_code_for_signal(signum))
+        if not self.signum:
+            self.signum = signum
+            if signum == signal.SIGINT and self.rank == 0:
+                print("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit at once)",
+                      file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -51,6 +94,7 @@ class _Pending:
     epochs: List[int] = field(default_factory=list)
     losses: List[torch.Tensor] = field(default_factory=list)
     lrs: List[float] = field(default_factory=list)
+    skipped: List[bool] = field(default_factory=list)
     norm: Optional[torch.Tensor] = None
     extras: Dict[str, float] = field(default_factory=dict)  # the on_step callback's scalars (last step)
 
@@ -60,7 +104,10 @@ class Trainer:
                  max_steps: Optional[int], global_batch_size: int, nan_policy: str, max_skipped_steps: int,
                  checkpoints: CheckpointManager, checkpoint_every: int, save_at_end: bool, logger: MetricsLogger,
                  print_every: int, world_size: int, config, loss_curve: bool = True,
-                 on_step: Optional[Callable[[TrainState], Optional[Dict[str, float]]]] = None):
+                 on_step: Optional[Callable[[TrainState], Optional[Dict[str, float]]]] = None,
+                 agree: Optional[Callable[[int], int]] = None, rank: int = 0):
+        """``agree(value) -> max of value over all ranks`` (dist.RankAgreement; identity for one rank):
+        called once per step with the stop signal this rank got (0 if none)."""
         if steps_per_epoch < 1:
             raise UserError("steps_per_epoch must be >= 1")
         self.backend, self.loader, self.schedule = backend, loader, schedule
@@ -71,6 +118,8 @@ class Trainer:
         self.checkpoints, self.checkpoint_every, self.save_at_end = checkpoints, checkpoint_every, save_at_end
         self.logger, self.print_every, self.loss_curve = logger, print_every, loss_curve
         self.world_size, self.config, self.on_step = world_size, config, on_step
+        self.agree = agree or (lambda value: value)
+        self.rank = rank
         self.accumulation = backend.accumulation
         if hasattr(backend, "check_finite"):
             backend.check_finite = nan_policy == "skip"
@@ -93,17 +142,28 @@ class Trainer:
         if st.get("steps_per_epoch") != self.steps_per_epoch:
             raise UserError(f"cannot resume from {ckpt_dir}: it has {st.get('steps_per_epoch')} steps per epoch, "
                              f"this run has {self.steps_per_epoch} (different dataset or batch size)")
-        self.backend.read_state(ckpt_dir)
+        try:
+            self.backend.read_state(ckpt_dir)
+        except Exception as e:  # noqa: BLE001 - a file that passed verification but does not load
+            raise CheckpointError(f"cannot load the model/optimiser state of {ckpt_dir}: {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
         rng = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
-        if rng.is_file():
+        if not rng.is_file():  # resuming without it would silently change the random stream
+            raise CheckpointError(f"{rng} is missing: the checkpoint cannot restore this rank's RNG state")
+        try:
             restore_rng(torch.load(rng, map_location="cpu", weights_only=False))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{rng} is unreadable: {type(e).__name__}: {e}") from e
         state = TrainState(**st["state"])
         self._last_flush_step = self._last_saved_step = state.step
         return state
 
     # ---------------------------------------------------------------- loop
     def fit(self, state: Optional[TrainState] = None) -> TrainState:
-        state = state or TrainState()
+        with StopSignals(self.rank) as signals:
+            return self._fit(state or TrainState(), signals)
+
+    def _fit(self, state: TrainState, signals: StopSignals) -> TrainState:
         self._last_flush_step = state.step
         self._last_flush_time = time.perf_counter()
         while state.step < self.total_steps:
@@ -111,11 +171,19 @@ class Trainer:
             batches = iter(self.loader.epoch(state.epoch, start_batch=micro_start))
             while state.step_in_epoch < self.steps_per_epoch and state.step < self.total_steps:
                 self._one_step(state, batches)
+                stop = self.agree(signals.signum)  # every rank, every step: all stop after the same step
+                stop = stop if state.step < self.total_steps else 0  # the last step: end as usual
                 scalars = self._call_on_step(state)
                 if state.step % self.print_every == 0 or scalars is not None:
                     self._flush(state)
-                if state.step % self.checkpoint_every == 0:
+                if state.step % self.checkpoint_every == 0 or stop:
                     self.save(state)
+                if stop:
+                    self.logger.close()
+                    raise RunStopped(
+                        f"stopped by {signal.Signals(stop).name} after step {state.step}: checkpoint "
+                        f"{self.checkpoints.root / tag_for_step(state.step)} saved; the same command resumes from it",
+                        exit_code_for_signal(stop), prefix="")
             if state.step_in_epoch >= self.steps_per_epoch:
                 state.epoch += 1
                 state.step_in_epoch = 0
@@ -153,6 +221,7 @@ class Trainer:
         p.epochs.append(state.epoch)
         p.losses.append(result.loss)
         p.lrs.append(lr)
+        p.skipped.append(False)
         p.norm = result.grad_norm
         state.step += 1
         state.step_in_epoch += 1
@@ -167,12 +236,18 @@ class Trainer:
                 state.skipped_steps += 1
                 state.skipped_in_a_row += 1
                 p.losses[-1] = torch.full_like(result.loss, float("nan"))
+                p.skipped[-1] = True
                 self.logger.message(f"step {state.step}: non-finite loss, update skipped "
                                     f"({state.skipped_steps} skipped so far)")
                 if state.skipped_in_a_row >= self.max_skipped_steps:
+                    self._flush(state)  # the skipped steps are logged before stopping
+                    first = state.step - state.skipped_in_a_row + 1
                     raise NonFiniteLossError(
-                        f"{state.skipped_in_a_row} steps in a row had a non-finite loss (train.max_skipped_steps = "
-                        f"{self.max_skipped_steps}); stopping. The last checkpoint is intact.")
+                        f"{state.skipped_in_a_row} steps in a row had a non-finite loss (steps {first}-{state.step}, "
+                        f"train.max_skipped_steps = {self.max_skipped_steps}); training stopped, their updates were "
+                        f"not applied. Last checkpoint: {self._last_checkpoint()}. Lower train.base_lr (or raise "
+                        f"train.warmup_epochs), check the data, or raise train.max_skipped_steps; the same command "
+                        f"resumes from the last checkpoint")
             else:
                 state.skipped_in_a_row = 0
 
@@ -190,32 +265,38 @@ class Trainer:
             return
         losses = self._global_mean(torch.stack(p.losses)).cpu().tolist()
         norm = float(p.norm) if p.norm is not None else None
-        if self.nan_policy == "stop":
-            bad = [s for s, l in zip(p.steps, losses) if not math.isfinite(l)]
-            if bad:
-                last = self.checkpoints.tags()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {bad[0]} (train.nan_policy = 'stop'); nothing was saved after it. "
-                    f"Last checkpoint: {last[-1] if last else 'none'}. Lower train.base_lr, check the data, or set "
-                    f"train.nan_policy=skip")
+        bad = [s for s, l in zip(p.steps, losses) if not math.isfinite(l)] if self.nan_policy == "stop" else []
         now = time.perf_counter()
         n = state.step - self._last_flush_step
         dt = now - self._last_flush_time
         img_s = n * self.global_batch_size / dt if dt > 0 and n > 0 else 0.0
         self._sec_per_step = dt / n if n > 0 else self._sec_per_step
-        for i, (s, e, l, lr) in enumerate(zip(p.steps, p.epochs, losses, p.lrs)):
+        for i, (s, e, l, lr, skipped) in enumerate(zip(p.steps, p.epochs, losses, p.lrs, p.skipped)):
             last = i == len(p.steps) - 1
             rec = {"step": s, "epoch": e, "loss": l if math.isfinite(l) else None, "lr": lr,
-                   "img_per_s": round(img_s, 2), "grad_norm": norm if last else None,
+                   "img_per_s": round(img_s, 2), "grad_norm": norm if last else None, "skipped": skipped,
                    "skipped_steps": state.skipped_steps, "samples": state.samples - (len(p.steps) - 1 - i)
                    * self.global_batch_size, "time": round(now, 3)}
             if last:
                 rec.update(p.extras)
             self.logger.log(rec)
-        self.logger.progress(state.step, {**rec, "loss": sum(x for x in losses if math.isfinite(x))
-                                          / max(1, sum(math.isfinite(x) for x in losses))}, self._sec_per_step)
+        finite = [x for x in losses if math.isfinite(x)]
+        self.logger.progress(state.step, {**rec, "loss": sum(finite) / len(finite) if finite else None,
+                                          "skipped_now": sum(p.skipped)}, self._sec_per_step)
         self._pending = _Pending()
         self._last_flush_step, self._last_flush_time = state.step, time.perf_counter()
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad[0]} (train.nan_policy = 'stop'); training stopped and nothing was "
+                f"saved after it. Last checkpoint: {self._last_checkpoint()}. Lower train.base_lr (or raise "
+                f"train.warmup_epochs), check the data, or set train.nan_policy=skip; the same command resumes from "
+                f"the last checkpoint")
+
+    def _last_checkpoint(self) -> str:
+        """The checkpoint this run last saved or resumed from."""
+        if self._last_saved_step < 0:
+            return "none"
+        return str(self.checkpoints.root / tag_for_step(self._last_saved_step))
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, state: TrainState) -> None:

@@ -16,6 +16,7 @@ import os
 from ..cli import add_job_arguments
 from ..config import load_config
 from ..data import PretrainLoader, list_images
+from ..data.loader import check_usable, load_index
 from ..engine import run as engine_run
 from ..errors import UserError
 from ..models import SimMIM
@@ -37,16 +38,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def preflight(args: argparse.Namespace):
     """Everything that can be checked without starting the engine: (cfg, output dir, resume path,
-    precision, the dataset's files or None for synthetic data)."""
+    precision, the dataset's checked file index or None for synthetic data)."""
     overrides = list(args.overrides)
     if args.data_path is not None:
         overrides.append(f"data.path={json.dumps(args.data_path)}")
     cfg = load_config(args.config, overrides=overrides)
     out, resume_path, precision = engine_run.prepare(cfg, args.output_dir, args.resume)
-    check_probe_config(cfg)
-    # On CUDA: refuse a config that cannot fit on these GPUs before anything is allocated (the memory
-    # planner's estimate, measured on the meta device); nothing on the CPU.
-    preflight_memory(cfg, args.config)
+    try:
+        check_probe_config(cfg)
+        # On CUDA: refuse a config that cannot fit on these GPUs before anything is allocated (the memory
+        # planner's estimate, measured on the meta device); nothing on the CPU.
+        preflight_memory(cfg, args.config)
+        index = _check_data(cfg)
+        _compare_normalisation(cfg)
+        return cfg, out, resume_path, precision, index
+    except BaseException:
+        engine_run.release_output_dir(out)
+        raise
+
+
+def _check_data(cfg):
+    """The dataset's checked file index (None for synthetic data); UserError for a dataset that cannot train."""
     paths = None
     if cfg.data.backend != "synthetic":
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -59,8 +71,11 @@ def preflight(args: argparse.Namespace):
                 f"per rank per epoch, fewer than one optimiser step needs ({accumulation} accumulation steps x "
                 f"train.micro_batch_size {cfg.train.micro_batch_size} x {world} ranks); lower "
                 f"train.global_batch_size / train.micro_batch_size or add images")
-    _compare_normalisation(cfg)
-    return cfg, out, resume_path, precision, paths
+        # The file check (cached per dataset) before any engine starts: an unusable dataset is one error line.
+        index = load_index(cfg, paths=paths)
+        check_usable(index, cfg)
+        return index
+    return None
 
 
 def _compare_normalisation(cfg) -> None:
@@ -121,14 +136,15 @@ def _on_step(ctx: engine_run.RunContext):
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg, out, resume_path, precision, paths = preflight(args)
+    cfg, out, resume_path, precision, index = preflight(args)
 
     def build_model(ctx):
         model = SimMIM.from_config(cfg).set_activation_checkpointing(cfg.engine.activation_checkpointing)
         return model, simmim_param_groups(model, cfg)
 
     def build_loader(ctx):
-        return PretrainLoader(cfg, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device, log_dir=out, paths=paths)
+        return PretrainLoader(cfg, ctx.dist.rank, ctx.dist.world_size, ctx.dist.device, log_dir=out,
+                              index=index)
 
     engine_run.run(cfg, out, resume_path, precision, build_model=build_model, build_loader=build_loader,
                    loss_label=LOSS_LABEL, on_step=_on_step)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -222,6 +223,10 @@ def save_timm_weights(state: Dict[str, torch.Tensor], output: str | Path, info: 
     save_file(state, str(paths["safetensors"]), metadata=meta)
     torch.save(state, paths["pth"])
     paths["json"].write_text(json.dumps(info, indent=2) + "\n")
+    # safetensors creates its file with mode 0600; every export gets what the user's umask gives a new file
+    mode = 0o666 & ~_umask()
+    for path in paths.values():
+        os.chmod(path, mode)
     return paths
 
 
@@ -256,6 +261,12 @@ def read_normalisation(path: str | Path) -> Optional[Dict[str, Any]]:
         if "config" in meta:
             return normalisation(load_config(json.loads(meta["config"])))
     return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def create_model_call(model_name: str, kwargs: Dict[str, Any], file: str | Path) -> str:
@@ -316,6 +327,8 @@ def _main_hf(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     if getattr(args, "format", "timm") == "hf":
         return _main_hf(args)
+    from ..cli import output_location
+    output_location(Path(str(args.output) + ".safetensors"), "export")
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     name, kwargs = timm_target(cfg, args.model, args.img_size, args.window_size, args.vit_rel_pos, args.vit_pool)
     target = build_timm_model(name, kwargs)

@@ -12,12 +12,23 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from ..errors import MissingFileError, UserError
 
-__all__ = ["center_view", "load_image", "load_user_mask"]
+__all__ = ["center_view", "load_image", "load_user_mask", "open_image"]
+
+
+def open_image(path: Path, what: str = "image") -> Image.Image:
+    """The decoded image of a file the user named; a UserError naming it if it is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        why = "not an image file" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{what} {path} cannot be read: {why}") from None
 
 
 def center_view(img: Image.Image, size: int, interpolation=InterpolationMode.BICUBIC) -> Image.Image:
@@ -40,8 +51,7 @@ def load_image(path: str | Path, size: int, mean: Sequence[float], std: Sequence
         except ValueError as e:
             raise UserError(f"{path}: {e}") from None
         return TF.normalize(band_center_view(x, size), list(mean), list(std))
-    with Image.open(path) as im:
-        img = im.convert("RGB")
+    img = open_image(path).convert("RGB")
     return TF.normalize(TF.to_tensor(center_view(img, size)), list(mean), list(std))
 
 
@@ -55,16 +65,16 @@ def load_user_mask(path: str | Path, size: int, image_size_of: str | Path | None
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"mask image not found: {path}")
-    with Image.open(path) as im:
-        if im.mode in ("RGBA", "LA", "P"):
-            rgba = im.convert("RGBA")
-            grey = Image.fromarray((np.asarray(rgba.convert("L"), dtype=np.float32)
-                                    * (np.asarray(rgba)[..., 3] / 255.0)).astype(np.uint8))
-        else:
-            grey = im.convert("L")
+    im = open_image(path, "mask image")
+    if im.mode in ("RGBA", "LA", "P"):
+        rgba = im.convert("RGBA")
+        grey = Image.fromarray((np.asarray(rgba.convert("L"), dtype=np.float32)
+                                * (np.asarray(rgba)[..., 3] / 255.0)).astype(np.uint8))
+    else:
+        grey = im.convert("L")
     if image_size_of is not None:
-        with Image.open(image_size_of) as ref:
-            if ref.size != grey.size:
-                grey = grey.resize(ref.size, Image.NEAREST)
+        ref_size = open_image(Path(image_size_of)).size
+        if ref_size != grey.size:
+            grey = grey.resize(ref_size, Image.NEAREST)
     view = center_view(grey, size, interpolation=InterpolationMode.NEAREST)
     return np.asarray(view, dtype=np.float32) / 255.0

@@ -55,6 +55,11 @@ def main(args: argparse.Namespace) -> int:
     from ..data.samples import sample_photo_paths
     from ..weights import build_simmim, load_source
 
+    from ..cli import output_location
+    if args.combined:
+        output_location(args.combined, "combined PNG")
+    else:
+        output_location(Path(args.output) / "x.png", "output folder")
     cfg, state = load_source(args.checkpoint, args.config, args.overrides)
     m = cfg.model
     if not args.images and (m.in_chans != 3 or cfg.data.value_range is not None):
