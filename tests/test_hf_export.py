@@ -126,6 +126,15 @@ def test_swinv2_other_window_matches_the_timm_export(tmp_path):
                                    timm_model.forward_features(images).flatten(1, 2), **TOL)
 
 
+def test_swinv2_stage_window_of_one_at_another_window_is_refused(tmp_path, capsys):
+    cfg = tiny_swin_config(encoder="swinv2", img_size=32)  # maps 8, 4, 2, 1: the last stage's window is 1
+    src = tmp_path / "model.safetensors"
+    save_state_file(str(src), SimMIM.from_config(cfg).state_dict(), cfg)
+    assert cli_main(["export", str(src), "-o", str(tmp_path / "no"), "--format", "hf", "--window-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "[4, 4, 2, 1]" in err and not (tmp_path / "no").exists()
+
+
 def test_vit_round_trip_hidden_states_and_head(tmp_path):
     cfg = tiny_vit_config()
     model = _trained_like(cfg)
