@@ -83,6 +83,58 @@ def test_swin_round_trip_loss_and_hidden_states(tmp_path, make_cfg):
     assert info["same_geometry_as_pretraining"] and info["loss_equals_simmim"]
 
 
+def test_swinv2_round_trip_loss_and_hidden_states(tmp_path):
+    # maps 16, 8, 4, 2 with window 4: shifted windows in stages 1-2, the whole map (no shift) in stage 3,
+    # a window shrunk to the 2x2 map in stage 4 (both libraries)
+    cfg = tiny_swin_config(encoder="swinv2", depths=[2, 2, 1, 1])
+    model = _trained_like(cfg)
+    out = _export(tmp_path, cfg, model)
+    hf = _strict(transformers.Swinv2ForMaskedImageModeling, out)
+    assert hf.config.window_size == 4 and hf.config.pretrained_window_sizes == [0, 0, 0, 0]
+    assert [st.blocks[0].window_size for st in hf.swinv2.encoder.layers] == [4, 4, 4, 2]
+    assert hf.swinv2.encoder.layers[0].blocks[1].shift_size == 2
+    images, mask = _inputs(cfg)
+    with torch.no_grad():
+        o = hf(images, bool_masked_pos=mask.flatten(1).bool())
+        torch.testing.assert_close(o.loss, model(images, mask), **TOL)
+        torch.testing.assert_close(o.reconstruction, model.reconstruct(images, mask), **TOL)
+        ours = model._forward_masked(model.encoder, images, mask, model.mask_token, model._substitute)
+        theirs = hf.swinv2(images, bool_masked_pos=mask.flatten(1).bool()).last_hidden_state
+        torch.testing.assert_close(theirs.transpose(1, 2).reshape(ours.shape), ours, **TOL)
+        enc = transformers.Swinv2Model.from_pretrained(str(out)).eval()
+        feats = model.encoder.forward_features(images)                        # (B, h, w, C), final norm applied
+        torch.testing.assert_close(enc(images).last_hidden_state, feats.flatten(1, 2), **TOL)
+    info = json.loads((out / "simmim_export.json").read_text())
+    assert info["transformers_class"] == "Swinv2ForMaskedImageModeling"
+    assert info["same_geometry_as_pretraining"] and info["loss_equals_simmim"]
+
+
+def test_swinv2_other_window_matches_the_timm_export(tmp_path):
+    """--window-size 2: transformers gets the pretraining stage windows, as the timm export, and the same features."""
+    from simmim_fast.tools.export import build_timm_model, timm_target
+    cfg = tiny_swin_config(encoder="swinv2", depths=[2, 2, 1, 1])
+    model = _trained_like(cfg)
+    out = _export(tmp_path, cfg, model, "--window-size", "2")
+    hf = _strict(transformers.Swinv2ForMaskedImageModeling, out)
+    assert hf.config.pretrained_window_sizes == [4, 4, 4, 2]
+    name, kwargs = timm_target(cfg, window_size=2)
+    timm_model = build_timm_model(name, kwargs, device="cpu").eval()
+    timm_model.load_state_dict(model.encoder.state_dict())  # the same encoder at window 2 (all keys, strict)
+    images, _ = _inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.swinv2(images).last_hidden_state,
+                                   timm_model.forward_features(images).flatten(1, 2), **TOL)
+
+
+def test_swinv2_stage_window_of_one_at_another_window_is_refused(tmp_path, capsys):
+    cfg = tiny_swin_config(encoder="swinv2", img_size=32)  # maps 8, 4, 2, 1: the last stage's window is 1
+    src = tmp_path / "model.safetensors"
+    save_state_file(str(src), SimMIM.from_config(cfg).state_dict(), cfg)
+    assert cli_main(["export", str(src), "-o", str(tmp_path / "no"), "--format", "hf", "--window-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "[4, 4, 2, 1]" in err and not (tmp_path / "no").exists()
+
+
 def test_vit_round_trip_hidden_states_and_head(tmp_path):
     cfg = tiny_vit_config()
     model = _trained_like(cfg)

@@ -46,6 +46,7 @@ from ..models.swinv2 import stage_windows
 from ..weights import build_timm_model, load_model_state, load_source
 
 __all__ = ["normalisation", "read_normalisation", "encoder_state_dict", "timm_target", "build_timm_model", "convert_to_timm", "resize_rel_pos_table",
+           "swinv2_pretrained_window_sizes",
            "save_timm_weights", "KNOWN_TIMM_MODELS", "add_arguments", "main"]
 
 # timm names whose architecture a SimMIM config can match, with the arguments that define them.
@@ -137,9 +138,7 @@ def timm_target(cfg: Config, model_name: Optional[str] = None, img_size: Optiona
         # The continuous position bias normalises relative coordinates by the pretraining window; a
         # model fine-tuned at another window or size passes the pretraining windows of each stage, as
         # the official SwinV2 fine-tuning configs (PRETRAINED_WINDOW_SIZES) and timm's *to* models do.
-        tuned = dataclasses.replace(m, img_size=target["img_size"], window_size=target["window_size"])
-        pre = list(stage_windows(m))
-        target["pretrained_window_sizes"] = pre if list(stage_windows(tuned)) != pre else [0] * len(m.depths)
+        target["pretrained_window_sizes"] = swinv2_pretrained_window_sizes(m, target["img_size"], target["window_size"])
     elif m.encoder == "vit":
         target.update(use_abs_pos_emb=False, use_rel_pos_bias=vit_rel_pos == "per-block",
                       use_shared_rel_pos_bias=vit_rel_pos == "shared")
@@ -152,6 +151,14 @@ def timm_target(cfg: Config, model_name: Optional[str] = None, img_size: Optiona
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in target.items()
               if k not in implied or implied[k] != v}
     return model_name, kwargs
+
+
+def swinv2_pretrained_window_sizes(m, img_size: int, window_size: int) -> list:
+    """SwinV2 ``pretrained_window_sizes`` of a model at ``img_size`` / ``window_size``: 0s where every stage
+    window equals the pretraining one, else the pretraining stage windows."""
+    tuned = dataclasses.replace(m, img_size=img_size, window_size=window_size)
+    pre = list(stage_windows(m))
+    return pre if list(stage_windows(tuned)) != pre else [0] * len(m.depths)
 
 
 def _family(model_name: str) -> Optional[str]:
@@ -286,7 +293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OUTPUT.json; hf: the output folder")
     parser.add_argument("--format", choices=["timm", "hf"], default="timm",
                         help="timm: a timm state dict for fine-tuning (default); hf: a Hugging Face transformers "
-                             "folder (Swin: SwinForMaskedImageModeling, ViT: BeitModel; needs the [hf] extra)")
+                             "folder (Swin: SwinForMaskedImageModeling, SwinV2: Swinv2ForMaskedImageModeling, "
+                             "ViT: BeitModel; needs the [hf] extra)")
     parser.add_argument("--model", help="timm model name to export for (default: the timm model of the "
                                         "config's architecture, e.g. swin_base_patch4_window7_224)")
     parser.add_argument("--img-size", type=int, help="fine-tuning image size (default: the named model's, else the "
@@ -312,10 +320,12 @@ def _main_hf(args: argparse.Namespace) -> int:
     info = export_hf(cfg, state, args.output, args.img_size, args.window_size, source=args.checkpoint)
     print(f"wrote {info['dir']}/: {', '.join(info['files'])} ({info['class']})")
     if not info["exact"]:
-        print("note: exported for another image size / window; relative position tables were resized, so the "
-              "outputs differ from the pretrained model's")
-    if cfg.model.norm_targets and cfg.model.encoder == "swin":
-        print("note: model.norm_targets is on; transformers' SwinForMaskedImageModeling computes its loss on the "
+        what = ("the continuous position bias uses the pretraining windows" if cfg.model.encoder == "swinv2"
+                else "relative position tables were resized")
+        print(f"note: exported for another image size / window; {what}, so the outputs differ from the "
+              f"pretrained model's")
+    if cfg.model.norm_targets and cfg.model.is_swin:
+        print(f"note: model.norm_targets is on; transformers' {info['class']} computes its loss on the "
               "raw normalised image")
     d = str(info["dir"])
     print("load with:\n  from transformers import AutoImageProcessor, " + info["class"] +
