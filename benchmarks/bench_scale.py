@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     have_ds = deepspeed_available()
     meta = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpus=1, gpu_memory_gb=round(gpu_gb, 1),
+                gpu_memory_from=("--gpu-memory-gb" if args.gpu_memory_gb else "this GPU" if cuda
+                                 else "a stand-in on the CPU"),
                 deepspeed=have_ds, compiled=args.compile, warmup=args.warmup, steps=args.steps,
                 engine="build_step of benchmarks/engine_speed.py, synthetic data, no gradient accumulation")
     rows: List[Dict] = []

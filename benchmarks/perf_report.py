@@ -108,7 +108,8 @@ def _bench_table(rows: List[Dict], eager_names, compiled_names, bytes_label) -> 
 def scale_table(scale: Optional[Dict]) -> List[str]:
     """benchmarks/bench_scale.py's rows: the planner's prediction for one GPU beside the measured step."""
     meta = (scale or {}).get("meta", {})
-    lines = [f"Planned for 1 GPU of {meta.get('gpu_memory_gb', '?')} GB (GB = 2^30 bytes); {meta.get('engine', '')}; "
+    lines = [f"Planned for 1 GPU of {meta.get('gpu_memory_gb', '?')} GB ({meta.get('gpu_memory_from', '?')}; "
+             f"GB = 2^30 bytes); {meta.get('engine', '')}; "
              f"DeepSpeed {'installed' if meta.get('deepspeed') else 'not installed'}; "
              f"{'compiled' if meta.get('compiled') else 'eager'}; {meta.get('warmup', '?')} warm-up + "
              f"{meta.get('steps', '?')} timed steps per choice. Predicted allocated = the planner's per-GPU figure "
