@@ -38,6 +38,10 @@ MODELS = {
                                            "model.window_size=4", "mask.mask_patch_size=16"]),
     # the CPU config (depths 1-1-2-1, width 32, 96 px): a smoke run of benchmarks/gpu_all.sh's logic
     "tiny_cpu": (ROOT / "configs/swin_tiny_cpu.json", []),
+    # large-model pretraining (benchmarks/bench_scale.py) and its CPU stand-in
+    "swinv2_h": (ROOT / "configs/swinv2_h.json", []),
+    "swinv2_g": (ROOT / "configs/swinv2_g.json", []),
+    "swinv2_tiny_cpu": (ROOT / "configs/swinv2_tiny_cpu.json", []),
 }
 
 
@@ -109,7 +113,8 @@ def build_step(model: str, variant: str, batch: int, compile: bool, bf16_weights
         f"train.global_batch_size={batch}", "data.backend=synthetic"] + list(overrides))
     dist = init_distributed(mode, "auto")
     torch.manual_seed(0)
-    net = SimMIM.from_config(cfg)
+    # as the pretraining job builds it (engine.activation_checkpointing is the model's switch)
+    net = SimMIM.from_config(cfg).set_activation_checkpointing(cfg.engine.activation_checkpointing)
     backend = build_backend(net, simmim_param_groups(net, cfg), cfg, dist,
                             resolve_precision(cfg, dist.device.type))
     batches = PretrainLoader(cfg, dist.rank, dist.world_size, dist.device).epoch(0)

@@ -2,7 +2,8 @@
 # Every GPU measurement of the project in ONE run, under 8 minutes on one GPU machine with torch,
 # triton and timm (no DeepSpeed, no DALI needed):
 #
-#   bash benchmarks/gpu_all.sh OUTDIR [PART ...]      # parts: steps attention kernels tests (default: all)
+#   bash benchmarks/gpu_all.sh OUTDIR [PART ...]      # parts: steps attention kernels tests (the default), scale
+#   bash benchmarks/gpu_all.sh OUTDIR scale           # the optional large-model part alone, with the whole budget
 #   SIMMIM_BENCH_TINY=1 bash benchmarks/gpu_all.sh /tmp/smoke   # CPU smoke: every part at tiny sizes
 #
 # From a coding session (device tool):  run(command="bash benchmarks/gpu_all.sh $OUT", timeout_s=540)
@@ -15,6 +16,10 @@
 #             Swin-B and Swin-L, with the bytes model (benchmarks/bench_attention.py)
 #  kernels    mask-token substitution and masked L1 vs the reference, eager and compiled (bench_kernels.py)
 #  tests      the kernel and attention tests on the GPU, with whatever time is left
+#  scale      (optional: not in the default list, it needs most of the budget by itself) large-model
+#             pretraining, SwinV2-H, then SwinV2-G, then Swin-L as time allows: the memory planner's
+#             choice for this GPU beside the measured img/s and peak memory of a few steps per choice
+#             (benchmarks/bench_scale.py; without DeepSpeed only the ZeRO-0 choices run)
 #
 # Each part runs under its own time limit: what is left of the total budget (SIMMIM_GPU_BUDGET_S,
 # default 450 s) minus the reserves of the parts after it; a part that fails or runs out of time
@@ -23,13 +28,13 @@
 # (benchmarks/perf_report.py), with each part's log as OUTDIR/<part>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash benchmarks/gpu_all.sh OUTDIR [steps attention kernels tests]}
+out=${1:?usage: bash benchmarks/gpu_all.sh OUTDIR [steps attention kernels tests scale]}
 shift
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(steps attention kernels tests)
 for p in "${parts[@]}"; do
-  case $p in steps|attention|kernels|tests) ;; *) echo "unknown part '$p' (steps attention kernels tests)"; exit 2;; esac
+  case $p in steps|attention|kernels|tests|scale) ;; *) echo "unknown part '$p' (steps attention kernels tests scale)"; exit 2;; esac
 done
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -39,15 +44,17 @@ if [ "$tiny" = 1 ]; then
   # CPU, the kernels in Triton's interpreter, dynamo without code generation: checks the logic only
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 SIMMIM_BENCH_COMPILE_BACKEND=${SIMMIM_BENCH_COMPILE_BACKEND:-eager}
   budget=${SIMMIM_GPU_BUDGET_S:-110}
-  reserve=([steps]=40 [attention]=20 [kernels]=20 [tests]=0)
-  minimum=([steps]=10 [attention]=8 [kernels]=8 [tests]=8)
+  reserve=([steps]=40 [attention]=20 [kernels]=20 [tests]=0 [scale]=20)
+  minimum=([steps]=10 [attention]=8 [kernels]=8 [tests]=8 [scale]=10)
+  scale_args=(--models swinv2_tiny_cpu --warmup 1 --steps 2)
   steps_args=(--models tiny_cpu --batch 1 --warmup 1 --steps 1 --eager-estimate-s 3 --compile-estimate-s 8)
   tests=(tests/test_attention_bytes.py -k "hand_count or block_shapes")
 else
   export TRITON_INTERPRET=0   # the kernel tests' conftest would otherwise choose the interpreter
   budget=${SIMMIM_GPU_BUDGET_S:-450}
-  reserve=([steps]=250 [attention]=80 [kernels]=60 [tests]=0)
-  minimum=([steps]=60 [attention]=30 [kernels]=30 [tests]=30)
+  reserve=([steps]=250 [attention]=80 [kernels]=60 [tests]=0 [scale]=300)
+  minimum=([steps]=60 [attention]=30 [kernels]=30 [tests]=30 [scale]=90)
+  scale_args=(--models swinv2_h swinv2_g swin_l --warmup 1 --steps 3)
   steps_args=(--models swin_b swin_l --batch 128 --warmup 3 --steps 20)
   tests=()
   # the attention tests first (whatever their names), then the kernel tests at full sizes
@@ -59,7 +66,8 @@ fi
 export SIMMIM_BENCH_TINY=$tiny
 start=$SECONDS
 # what an earlier run left here must not mix into this report
-rm -f "$out"/{env.json,steps.json,attention.json,kernels.json,perf.json,perf.md} "$out"/{steps,attention,kernels,tests}.log
+rm -f "$out"/{env.json,steps.json,attention.json,kernels.json,scale.json,perf.json,perf.md} \
+  "$out"/{steps,attention,kernels,tests,scale}.log
 : > "$out/parts.jsonl"
 report_reserve=10
 
@@ -137,6 +145,9 @@ for p in "${parts[@]}"; do
     kernels)
       SIMMIM_BENCH_JSON="$out/kernels.json" part kernels $PY -m pytest benchmarks/bench_kernels.py -q \
         -p no:cacheprovider --benchmark-columns=median,rounds --benchmark-sort=name ;;
+    scale)
+      # like steps: its own budget is the part's limit less 15 s; it skips the choices that would not fit
+      part scale $PY benchmarks/bench_scale.py "${scale_args[@]}" --json "$out/scale.json" ;;
     tests)
       if [ ${#tests[@]} -eq 0 ]; then record tests "no test files" 0 0; continue; fi
       xdist=()

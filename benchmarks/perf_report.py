@@ -4,7 +4,7 @@
     python benchmarks/perf_report.py OUTDIR
 
 Reads whatever the parts left (env.json, parts.jsonl, steps.json, attention.json, kernels.json,
-tests.log); a part that failed or ran out of time shows as such, and the others still report.
+scale.json, tests.log); a part that failed or ran out of time shows as such, and the others still report.
 Also adds the attention bytes model per training step (every block of Swin-B and Swin-L), which
 needs no measurement. Writes no number that is not in those files or computed from them.
 """
@@ -105,9 +105,40 @@ def _bench_table(rows: List[Dict], eager_names, compiled_names, bytes_label) -> 
     return lines
 
 
+def scale_table(scale: Optional[Dict]) -> List[str]:
+    """benchmarks/bench_scale.py's rows: the planner's prediction for one GPU beside the measured step."""
+    meta = (scale or {}).get("meta", {})
+    lines = [f"Planned for 1 GPU of {meta.get('gpu_memory_gb', '?')} GB ({meta.get('gpu_memory_from', '?')}; "
+             f"GB = 2^30 bytes); {meta.get('engine', '')}; "
+             f"DeepSpeed {'installed' if meta.get('deepspeed') else 'not installed'}; "
+             f"{'compiled' if meta.get('compiled') else 'eager'}; {meta.get('warmup', '?')} warm-up + "
+             f"{meta.get('steps', '?')} timed steps per choice. Predicted allocated = the planner's per-GPU figure "
+             "less its fragmentation and reserved allowances; measured = torch.cuda.max_memory_allocated over the "
+             "choice; reserved: max_memory_reserved against the per-GPU figure less the reserved allowance.", "",
+             "| model | ZeRO | offload | checkpointing | micro batch | planner | predicted GB per GPU | "
+             "predicted allocated GB | peak allocated GiB | measured / predicted | peak reserved GiB | "
+             "reserved / predicted | img/s | ms/step | CPU ms/step | status |",
+             "|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in (scale or {}).get("results", []):
+        ckpt = r.get("activation_checkpointing")
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r.get("model"), r.get("zero_stage", "-"), r.get("offload", "-"),
+            "-" if ckpt is None else ("every block" if ckpt else "off"), r.get("micro_batch", "-"),
+            "recommended" if r.get("recommended") else ("-" if ckpt is None else "alternative"),
+            _fmt(r.get("predicted_per_gpu_gb"), ".2f"), _fmt(r.get("predicted_allocated_gb"), ".2f"),
+            _fmt(r.get("peak_alloc_gib"), ".2f"), _fmt(r.get("ratio_alloc"), ".3f"),
+            _fmt(r.get("peak_reserved_gib"), ".2f"), _fmt(r.get("ratio_reserved"), ".3f"),
+            _fmt(r.get("img_per_s"), ",.1f"), _fmt(r.get("step_ms"), ".1f"), _fmt(r.get("cpu_step_ms"), ".1f"),
+            r.get("status", "pending")))
+    if not (scale or {}).get("results"):
+        lines.append("| - | - | - | - | - | - | - | - | - | - | - | - | - | - | - | not run |")
+    return lines
+
+
 def build(out: Path) -> Dict:
     report = dict(env=_load(out / "env.json") or {}, parts=_parts(out), steps=_load(out / "steps.json"),
                   attention=_load(out / "attention.json"), kernels=_load(out / "kernels.json"), tests=_tests(out),
+                  scale=_load(out / "scale.json"),
                   attention_bytes_per_step=bytes_per_step())
     steps = (report["steps"] or {}).get("results", [])
     ratios = [r.get("ratio_to_stock_compiled") for r in steps if r.get("model") == "swin_b"
@@ -168,6 +199,10 @@ def markdown(report: Dict) -> str:
     L += ["", "## Fused SimMIM kernels (mask-token substitution, masked L1), forward + backward", "",
           "MB: each input read once, each output written once.", ""]
     L += _bench_table(ker, ("reference",), ("compiled_ref",), "MB (min)") if ker else ["not run"]
+
+    if report.get("scale") is not None or any(p.get("part") == "scale" for p in report["parts"]):
+        L += ["", "## Large-model pretraining: the memory planner's choice vs the measured step (`scale`)", ""]
+        L += scale_table(report.get("scale"))
 
     tests = report["tests"]
     L += ["", "## GPU tests", ""]

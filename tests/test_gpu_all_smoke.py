@@ -65,3 +65,15 @@ def test_whole_smoke_run(tmp_path):
     assert report["tests"]["counts"].get("passed", 0) >= 2 and not report["tests"]["failed"]
     md = (tmp_path / "perf.md").read_text()
     assert "| tiny_cpu | stock_compiled |" in md and "timm_eager" in md and "compiled_ref" in md
+
+
+def test_optional_scale_part_reports_even_when_skipped(tmp_path):
+    (tmp_path / "scale.json").write_text('{"results": [{"model": "stale"}]}')
+    r = _run(tmp_path, "scale", budget=5, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    parts = [json.loads(line) for line in (tmp_path / "parts.jsonl").read_text().splitlines()]
+    assert [p["part"] for p in parts] == ["scale"] and parts[0]["status"].startswith("skipped: time budget")
+    report = json.loads((tmp_path / "perf.json").read_text())
+    assert report["scale"] is None                                           # the stale file was removed
+    md = (tmp_path / "perf.md").read_text()
+    assert "## Large-model pretraining" in md and "not run |" in md and "stale" not in md
