@@ -1,6 +1,7 @@
 """Running the engine in subprocesses from tests: environment, DeepSpeed availability, timeouts."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,16 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the launcher's default 29500 collides with any other run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def deepspeed_launcher() -> list:
     exe = shutil.which("deepspeed")
-    if exe:
-        return [exe]
-    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return ([exe] if exe else [sys.executable, "-m", "deepspeed.launcher.runner"]) + ["--master_port", str(free_port())]
 
 
 def run(cmd, timeout: float, **env) -> subprocess.CompletedProcess:

@@ -373,10 +373,9 @@ def test_two_ranks_stop_together_when_only_one_gets_sigterm(tmp_path):
     import psutil
     args = steps(12) + SIG_ARGS + ["--set", "engine.mode=deepspeed", "--set", "engine.zero_stage=1",
                                    "--set", "train.global_batch_size=8"]
-    from simmim_fast.engine.dist import _free_port
 
-    def train(out):  # a free rendezvous port per launch: other jobs on this machine may hold DeepSpeed's default
-        return (deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "train.py")]
+    def train(out):  # deepspeed_launcher() picks a free rendezvous port per launch
+        return (deepspeed_launcher() + ["--num_gpus", "2", str(ROOT / "train.py")]
                 + args + ["--output-dir", str(out)])
     run(train(tmp_path / "full"), timeout=400)
     reference = losses(tmp_path / "full")
